@@ -1,0 +1,12 @@
+"""lor2c-hf: LoR2C (low-rank residual connections) and its variants for Hugging Face transformers."""
+
+from .config import METHODS, ConfigError, LoR2CConfig
+from .model import Connection, LoR2CModel, get_lor2c_model
+from .serialization import AdapterLoadError
+from .sfs import sfs_scores
+
+__all__ = [
+    "METHODS", "ConfigError", "LoR2CConfig", "Connection", "LoR2CModel", "get_lor2c_model",
+    "AdapterLoadError", "sfs_scores",
+]
+__version__ = "0.1.0"

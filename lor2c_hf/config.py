@@ -1,0 +1,120 @@
+"""`LoR2CConfig`: every knob of LoR2C and its variants, in the style of PEFT's configs.
+
+Each field carries `metadata={"help": ...}` so `transformers.HfArgumentParser` can expose it on a command
+line. Values that can be checked without a model are checked at construction; the ones that need the model
+(rank against hidden size, merges against depth, target modules) are checked by `get_lor2c_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+METHODS = ("lor2c", "sharelor2c", "mergelor2c", "injectlor2c", "imlor2c")
+MERGE_CRITERIA = ("paper", "official")
+MERGE_KEEP = ("paper", "official")
+SCHEDULES = ("epochs", "steps")
+CONFIG_NAME = "adapter_config.json"
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and what is allowed."""
+
+
+def _check(condition: bool, name: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"LoR2CConfig.{name}={value!r} is invalid: expected {allowed}.")
+
+
+@dataclass
+class LoR2CConfig:
+    """Configuration of a LoR2C-family adapter (LoR2C, ShareLoR2C, MergeLoR2C, InjectLoR2C, IMLoR2C)."""
+
+    method: str = field(default="lor2c", metadata={"help": f"Name of the method this config describes: one of {METHODS}."})
+    r: int = field(default=8, metadata={"help": "Rank r of each low-rank residual connection (A: r x d, B: d x r)."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the connection output is multiplied by lora_alpha / r."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the hidden state entering a connection."})
+    share_a: bool = field(default=False, metadata={"help": "ShareLoR2C: one A matrix shared by all blocks, one B per block."})
+    num_merges: int = field(default=0, metadata={"help": "M: number of MergeLoR2C events (each fuses two adjacent spans)."})
+    num_injects: int = field(default=0, metadata={"help": "N: number of InjectLoR2C events (each swaps one connection for LoRA on q and v)."})
+    sfs_top_k: int = field(default=2, metadata={"help": "k of the SFS score: share of the top-k singular values counted as rho."})
+    merge_criterion: str = field(default="paper", metadata={"help": "Which adjacent pair merges: 'paper' = lowest summed SFS, 'official' = lowest summed rho (authors' code)."})
+    merge_keep: str = field(default="paper", metadata={"help": "Whose A, B survive a merge: 'paper' = the span with higher SFS, 'official' = the lower block's span."})
+    inject_r: Optional[int] = field(default=None, metadata={"help": "Rank of the LoRA injected on q and v (default r // 2, at least 1)."})
+    inject_alpha: float = field(default=16, metadata={"help": "lora_alpha of the injected LoRA."})
+    inject_dropout: float = field(default=0.05, metadata={"help": "Dropout of the injected LoRA."})
+    inject_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Names (inside a block) of the projections that receive injected LoRA; default: the query and value projections detected for the architecture."})
+    schedule: str = field(default="epochs", metadata={"help": "'epochs' = events at epoch ends per the paper's eqs. 11-12; 'steps' = at fractional epochs k*E/(4M), checked every optimizer step."})
+    blocks_path: Optional[str] = field(default=None, metadata={"help": "Dotted path of the transformer block ModuleList (e.g. 'model.layers'); detected when unset."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules trained and saved with the adapter (task heads); detected for classification models when unset."})
+    base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model this adapter belongs to (filled in when the adapter is created)."})
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer")
+        _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a positive number")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)")
+        _check(0.0 <= self.inject_dropout < 1.0, "inject_dropout", self.inject_dropout, "a probability in [0, 1)")
+        _check(isinstance(self.num_merges, int) and self.num_merges >= 0, "num_merges", self.num_merges, "an integer >= 0")
+        _check(isinstance(self.num_injects, int) and self.num_injects >= 0, "num_injects", self.num_injects, "an integer >= 0")
+        _check(isinstance(self.sfs_top_k, int) and 1 <= self.sfs_top_k <= self.r, "sfs_top_k", self.sfs_top_k, f"an integer in [1, r={self.r}]")
+        _check(self.merge_criterion in MERGE_CRITERIA, "merge_criterion", self.merge_criterion, f"one of {MERGE_CRITERIA}")
+        _check(self.merge_keep in MERGE_KEEP, "merge_keep", self.merge_keep, f"one of {MERGE_KEEP}")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(self.inject_alpha > 0, "inject_alpha", self.inject_alpha, "a positive number")
+        if self.inject_r is None:
+            self.inject_r = max(1, self.r // 2)
+        _check(isinstance(self.inject_r, int) and self.inject_r >= 1, "inject_r", self.inject_r, "an integer >= 1")
+        for name in ("inject_target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None:
+                setattr(self, name, list(value))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @property
+    def inject_scaling(self) -> float:
+        return self.inject_alpha / self.inject_r
+
+    @property
+    def has_events(self) -> bool:
+        return self.num_merges > 0 or self.num_injects > 0
+
+    @classmethod
+    def for_method(cls, method: str, **overrides: Any) -> "LoR2CConfig":
+        """The preset of a named method (paper defaults), with any field overridden."""
+        if method not in METHODS:
+            raise ConfigError(f"Unknown method {method!r}: expected one of {METHODS}.")
+        presets: dict[str, dict[str, Any]] = {
+            "lor2c": {},
+            "sharelor2c": {"share_a": True},
+            "mergelor2c": {"num_merges": 4},
+            "injectlor2c": {"num_injects": 4},
+            "imlor2c": {"num_merges": 4, "num_injects": 4},
+        }
+        return cls(**{"method": method, **presets[method], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": "LOR2C", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoR2CConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known - {"peft_type"}
+        if unknown:
+            raise ConfigError(f"adapter config has unknown fields {sorted(unknown)}; known fields: {sorted(known)}.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "LoR2CConfig":
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

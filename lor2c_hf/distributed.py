@@ -1,0 +1,39 @@
+"""Keeping structure changes identical on every rank.
+
+The SFS is computed from weights that DDP keeps in sync, but a decision must never depend on float ties
+breaking differently on different hardware: rank 0 decides and broadcasts. Under DeepSpeed ZeRO-3 the
+adapter weights are partitioned, so they are gathered before scoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_decision(decision: Any) -> Any:
+    """Rank 0's `decision` on every rank (a no-op outside a process group)."""
+    if not is_distributed():
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Full values of ZeRO-3 partitioned `params` inside the block; a no-op for ordinary tensors."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield

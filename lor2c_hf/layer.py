@@ -1,0 +1,121 @@
+"""The trainable modules: low-rank residual connections between blocks, and LoRA on a projection.
+
+Every parameter that a structure change could ever activate is allocated when the adapter is created, so the
+optimizer built by `Trainer` (and any DDP or ZeRO-3 partitioning of it) never has to change: merges and injects
+only decide which slots the forward pass reads. A slot that is not read gets no gradient, so AdamW skips it.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _kaiming_(weight: torch.Tensor) -> None:
+    # The init PEFT (and nn.Linear) use for LoRA's A.
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class LoraLayer(nn.Module):
+    """Standard LoRA delta for one projection: `scaling * B(A(dropout(x)))`, with PEFT's layout and init.
+
+    It holds only the adapter; the frozen projection stays where it is and a forward hook adds this delta to
+    its output. Used for the LoRA injected by InjectLoR2C and by the ResLoRA baseline.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.r, self.scaling = r, alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        _kaiming_(self.lora_A.weight)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update `scaling * B A` (out x in), for merging into the base weight."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+class LoR2CConnections(nn.Module):
+    """All low-rank residual connections of one model: slot i holds `A_i` (r x d) and `B_i` (d x r).
+
+    With `share_a` there is one A for every slot (ShareLoR2C). Calling the module with `(slot, x)` returns
+    `scaling * B_slot A_slot dropout(x)`; it is called as a module so DeepSpeed ZeRO-3 gathers its
+    parameters around the call.
+    """
+
+    def __init__(self, num_slots: int, d: int, r: int, alpha: float, dropout: float, share_a: bool,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.d, self.r, self.scaling, self.share_a = d, r, alpha / r, share_a
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        num_a = 1 if share_a else num_slots
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.empty(r, d, device=device, dtype=dtype)) for _ in range(num_a)]
+        )
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.zeros(d, r, device=device, dtype=dtype)) for _ in range(num_slots)]
+        )
+        for a in self.lora_A:
+            _kaiming_(a)
+
+    def a_of(self, slot: int) -> nn.Parameter:
+        return self.lora_A[0 if self.share_a else slot]
+
+    def forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a_of(slot), self.lora_B[slot]
+        return F.linear(F.linear(self.lora_dropout(x.to(a.dtype)), a), b) * self.scaling
+
+
+class InjectedLoRA(nn.Module):
+    """LoRA for every (block, target projection) pair InjectLoR2C may activate, allocated up front."""
+
+    def __init__(self, shapes: list[dict[str, tuple[int, int]]], r: int, alpha: float, dropout: float,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {_key(name): LoraLayer(i, o, r, alpha, dropout, device=device, dtype=dtype) for name, (i, o) in s.items()}
+            )
+            for s in shapes
+        )
+
+    def layers_of(self, block: int) -> dict[str, LoraLayer]:
+        return {_name(key): layer for key, layer in self.blocks[block].items()}
+
+
+def _key(module_name: str) -> str:
+    return module_name.replace(".", "__")  # ModuleDict keys cannot hold dots
+
+
+def _name(key: str) -> str:
+    return key.replace("__", ".")
+
+
+def add_to_hidden(output, delta: torch.Tensor):
+    """Add `delta` to a block's hidden-state output (the first element when the block returns a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output + delta.to(output.dtype)
+    if isinstance(output, (tuple, list)):
+        first = output[0] + delta.to(output[0].dtype)
+        return type(output)((first, *output[1:]))
+    raise TypeError(f"Cannot add a residual to a block output of type {type(output).__name__}.")
+
+
+def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a block was called with (first positional argument, or `hidden_states=`)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for name in ("hidden_states", "x", "hidden_state"):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return kwargs[name]
+    raise TypeError("Cannot find the hidden-state input of a block: expected a tensor as first argument or hidden_states=.")
+

@@ -1,0 +1,307 @@
+"""`LoR2CModel`: a Hugging Face model with low-rank residual connections between its blocks.
+
+The base model keeps its own forward, modules and `state_dict` keys: connections are added by one forward
+hook per block (outside any gradient-checkpointed region) and injected LoRA by forward hooks on the q/v
+projections. Merges and injects change only which slots those hooks read (see `layer.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import architectures as arch
+from .config import LoR2CConfig
+from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, add_to_hidden, hidden_input
+from .serialization import AdapterIOMixin
+from .sfs import SFSScores, sfs_scores
+from .structure import Structure
+
+logger = logging.getLogger("lor2c_hf")
+
+
+class Connection:
+    """A read-only view of one span's connection: its blocks and its `lora_A` (r x d) and `lora_B` (d x r)."""
+
+    def __init__(self, span: list[int], slot: int, connections: LoR2CConnections) -> None:
+        self.span, self.slot = list(span), slot
+        self.lora_A = connections.a_of(slot)
+        self.lora_B = connections.lora_B[slot]
+
+    def __repr__(self) -> str:
+        return f"Connection(span={self.span}, slot={self.slot}, r={self.lora_A.shape[0]}, d={self.lora_A.shape[1]})"
+
+
+class LoR2CModel(AdapterIOMixin, nn.Module):
+    """Wraps a `transformers` model; `forward`, `generate` and every other attribute go to the base model."""
+
+    def __init__(self, model: nn.Module, config: LoR2CConfig) -> None:
+        super().__init__()
+        self.base_model = model
+        self.lor2c_config = config
+        self.blocks_path, self._blocks = arch.find_block_stack(model, config.blocks_path)
+        self.num_blocks = len(self._blocks)
+        self.hidden_size = arch.hidden_size(model, self._blocks)
+        self._validate_against_model()
+        ref = _reference_param(model)
+        dtype = ref.dtype if ref.dtype == torch.float32 else torch.float32  # like PEFT, train adapters in fp32
+        self.lor2c = LoR2CConnections(self.num_blocks, self.hidden_size, config.r, config.lora_alpha,
+                                      config.lora_dropout, config.share_a, device=ref.device, dtype=dtype)
+        self._targets: list[dict[str, nn.Module]] = []
+        if config.num_injects > 0:
+            names = config.inject_target_modules or arch.default_qv_targets(model)
+            self._targets = [arch.resolve_targets(b, i, names) for i, b in enumerate(self._blocks)]
+            shapes = [{n: arch.projection_shape(m) for n, m in t.items()} for t in self._targets]
+            self.lor2c_injected = InjectedLoRA(shapes, config.inject_r, config.inject_alpha, config.inject_dropout,
+                                               device=ref.device, dtype=dtype)
+        if config.modules_to_save is None:
+            config.modules_to_save = arch.detect_task_heads(model)
+        self._freeze_base()
+        self._structure = Structure.initial(self.num_blocks)
+        self._stash: dict[int, torch.Tensor] = {}
+        self._inject_hooks: list[Any] = []
+        self._block_hooks = [
+            block.register_forward_hook(self._make_block_hook(i), with_kwargs=True)
+            for i, block in enumerate(self._blocks)
+        ]
+        self._rebuild_plan()
+
+    # --- construction ------------------------------------------------------------------------------------
+
+    def _validate_against_model(self) -> None:
+        c, d, L = self.lor2c_config, self.hidden_size, self.num_blocks
+        if c.r > d:
+            raise ValueError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.base_model).__name__}; expected 1 <= r <= {d}.")
+        if c.num_merges > L - 1:
+            raise ValueError(f"LoR2CConfig.num_merges={c.num_merges} but the model has {L} blocks: at most {L - 1} merges are possible.")
+        if c.num_injects > L:
+            raise ValueError(f"LoR2CConfig.num_injects={c.num_injects} but the model has {L} blocks: at most {L} injects are possible.")
+        if c.num_merges + c.num_injects > L:
+            raise ValueError(f"LoR2CConfig.num_merges + num_injects = {c.num_merges + c.num_injects} exceeds the {L} blocks of the model.")
+        if c.modules_to_save:
+            children = dict(self.base_model.named_modules())
+            missing = [m for m in c.modules_to_save if m not in children]
+            if missing:
+                raise ValueError(f"LoR2CConfig.modules_to_save: {missing} not found in {type(self.base_model).__name__}.")
+
+    def _freeze_base(self) -> None:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        modules = dict(self.base_model.named_modules())
+        for name in self.lor2c_config.modules_to_save or []:
+            for p in modules[name].parameters():
+                p.requires_grad_(True)
+
+    # --- forward -------------------------------------------------------------------------------------------
+
+    def _rebuild_plan(self) -> None:
+        """Per block: the span ending there (start, slot), and which blocks start a multi-block span."""
+        s = self._structure
+        self._ends = {e: (b, slot) for (b, e), slot in zip(s.spans, s.owners)}
+        self._multi_starts = {b for b, e in s.spans if b != e}
+        for handle in self._inject_hooks:
+            handle.remove()
+        self._inject_hooks = []
+        for block in s.injected:
+            for name, layer in self.lor2c_injected.layers_of(block).items():
+                module = self._targets[block][name]
+                self._inject_hooks.append(module.register_forward_hook(_lora_hook(layer)))
+
+    def _make_block_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            if index in self._multi_starts:
+                self._stash[index] = hidden_input(args, kwargs)
+            end = self._ends.get(index)
+            if end is None:
+                return output
+            start, slot = end
+            x = hidden_input(args, kwargs) if start == index else self._stash.pop(start)
+            return add_to_hidden(output, self.lor2c(slot, x))
+
+        return hook
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Checkpoint the base blocks; inputs require grad so LoRA inside a checkpointed block still trains."""
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        base = self.base_model
+        if hasattr(base, "accepts_loss_kwargs"):
+            return base.accepts_loss_kwargs
+        import inspect
+
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
+
+    # --- structure -----------------------------------------------------------------------------------------
+
+    @property
+    def structure(self) -> dict[str, Any]:
+        """JSON-able: `spans`, `owners`, `injected`, `events` (a copy; change it through events only)."""
+        return self._structure.to_dict()
+
+    def set_structure(self, structure: Union[Structure, dict[str, Any]]) -> None:
+        structure = structure if isinstance(structure, Structure) else Structure.from_dict(structure)
+        if structure.num_blocks != self.num_blocks:
+            raise ValueError(f"Structure is for {structure.num_blocks} blocks; this model has {self.num_blocks}.")
+        if structure.injected and not self._targets:
+            raise ValueError("Structure has injected blocks but this adapter was created with num_injects=0.")
+        self._structure = structure
+        self._stash.clear()
+        self._rebuild_plan()
+
+    @property
+    def connections(self) -> list[Connection]:
+        """One `Connection` per span, aligned with `structure["spans"]`."""
+        return [Connection(span, slot, self.lor2c) for span, slot in zip(self._structure.spans, self._structure.owners)]
+
+    def sfs(self):
+        """SFS scores (and rho) of every current connection, aligned with the spans; float32."""
+        from .distributed import gathered
+        slots = self._structure.owners
+        if not slots:
+            return SFSScores(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
+        with gathered(list(self.lor2c.parameters())):
+            a = self.lor2c.lora_A[0] if self.lor2c.share_a else torch.stack([self.lor2c.lora_A[s] for s in slots])
+            b = torch.stack([self.lor2c.lora_B[s] for s in slots])
+            scores = sfs_scores(a, b, self.lor2c_config.sfs_top_k)
+        return scores
+
+    # --- events --------------------------------------------------------------------------------------------
+
+    def apply_merge(self, step: Optional[int] = None, epoch: Optional[float] = None) -> dict[str, Any]:
+        """Perform one MergeLoR2C event (SPEC §4) and return its record."""
+        return self._apply_event("merge", step, epoch)
+
+    def apply_inject(self, step: Optional[int] = None, epoch: Optional[float] = None) -> dict[str, Any]:
+        """Perform one InjectLoR2C event (SPEC §5) and return its record."""
+        if not self._targets:
+            raise ValueError("apply_inject() needs an adapter created with num_injects > 0 (its LoRA is allocated up front).")
+        return self._apply_event("inject", step, epoch)
+
+    def _apply_event(self, kind: str, step: Optional[int], epoch: Optional[float]) -> dict[str, Any]:
+        from .distributed import broadcast_decision
+
+        s, c = self._structure, self.lor2c_config
+        scores = self.sfs()
+        sfs, rho = scores[0].tolist(), scores[1].tolist()
+        zero_blocks = [s.spans[i] for i, z in enumerate(scores[2].tolist()) if z]
+        if zero_blocks:
+            logger.info("LoR2C SFS: connections %s have B = 0 (no defined SFS); scored as 0 information.", zero_blocks)
+        before = self.num_adapter_parameters()
+        if kind == "merge":
+            choice = broadcast_decision(s.choose_merge(sfs, rho, c.merge_criterion, c.merge_keep))
+        else:
+            choice = broadcast_decision(s.choose_inject(sfs))
+        record: dict[str, Any] = {"kind": kind, "step": step, "epoch": epoch}
+        if choice is None:
+            record.update(skipped=True, reason=f"no {kind} candidate left", blocks=[])
+        elif kind == "merge":
+            k, kept = choice
+            pair = [list(s.spans[k]), list(s.spans[k + 1])]
+            record.update(
+                merged=pair, scores=[sfs[k], sfs[k + 1]], rho=[rho[k], rho[k + 1]], kept_slot=kept,
+                blocks=s.merge(k, kept), criterion=c.merge_criterion,
+            )
+        else:
+            block = s.inject(choice)
+            record.update(scores=[sfs[choice]], rho=[rho[choice]], blocks=[block], targets=sorted(self._targets[block]))
+        self._rebuild_plan()
+        record.update(params_before=before, params_after=self.num_adapter_parameters())
+        s.events.append(record)
+        logger.warning(describe_event(record))
+        return dict(record)
+
+    # --- counts --------------------------------------------------------------------------------------------
+
+    def num_adapter_parameters(self) -> int:
+        """Parameters of the connections and injected LoRA the current structure reads (task heads excluded)."""
+        s, conn = self._structure, self.lor2c
+        total = sum(conn.lora_B[slot].numel() for slot in s.owners)
+        if conn.share_a:
+            total += conn.lora_A[0].numel()
+        else:
+            total += sum(conn.lora_A[slot].numel() for slot in s.owners)
+        for block in s.injected:
+            total += sum(p.numel() for p in self.lor2c_injected.blocks[block].parameters())
+        return total
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total): active adapter parameters plus `modules_to_save`, and the base model's count."""
+        heads = dict(self.base_model.named_modules())
+        head_params = sum(p.numel() for name in self.lor2c_config.modules_to_save or [] for p in heads[name].parameters())
+        adapter = self.num_adapter_parameters()
+        base = sum(p.numel() for p in self.base_model.parameters())
+        return adapter + head_params, base + adapter
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def unload(self) -> nn.Module:
+        """Remove every hook and return the untouched base model (the adapter is discarded)."""
+        for handle in self._block_hooks + self._inject_hooks:
+            handle.remove()
+        self._block_hooks, self._inject_hooks = [], []
+        return self.base_model
+
+
+def describe_event(record: dict[str, Any]) -> str:
+    """One readable console line for an event record."""
+    where = f"step {record['step']}" if record.get("step") is not None else "manual"
+    if record.get("epoch") is not None:
+        where += f" (epoch {record['epoch']:.2f})"
+    if record.get("skipped"):
+        return f"[LoR2C] {where} {record['kind']} skipped: {record['reason']}"
+    params = f"trainable adapter params {record['params_before']:,d} -> {record['params_after']:,d}"
+    if record["kind"] == "merge":
+        (a, b), (sa, sb) = record["merged"], record["scores"]
+        return (f"[LoR2C] {where} merge: span {a} + span {b} -> {record['blocks']} "
+                f"(SFS {sa:.4f} + {sb:.4f}, criterion {record['criterion']}, kept slot {record['kept_slot']}); {params}")
+    return (f"[LoR2C] {where} inject: block {record['blocks'][0]} LoR2C -> LoRA on {record['targets']} "
+            f"(SFS {record['scores'][0]:.4f}); {params}")
+
+
+def _lora_hook(layer: LoraLayer):
+    def hook(module, args, output):
+        return output + layer(args[0]).to(output.dtype)
+
+    return hook
+
+
+def _reference_param(model: nn.Module) -> torch.Tensor:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p
+    raise ValueError(f"{type(model).__name__} has no floating-point parameters to take a device and dtype from.")
+
+
+def get_lor2c_model(model: nn.Module, config: LoR2CConfig) -> LoR2CModel:
+    """Add LoR2C connections (and, for InjectLoR2C/IMLoR2C, dormant LoRA) to `model`; freeze its base."""
+    if isinstance(model, LoR2CModel):
+        raise ValueError("The model already has a LoR2C adapter; pass its base model (model.get_base_model()).")
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    return LoR2CModel(model, config)

@@ -1,0 +1,177 @@
+"""Adapters on disk and on the Hub, in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+The structure (spans, injected blocks, events) and the base model's shape are stored in the safetensors
+metadata, so weights and structure are written by one atomic rename and can never disagree. Loading checks
+everything (architecture, hidden size, depth, tensor shapes) before it changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import CONFIG_NAME
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_PREFIXES = ("lor2c.", "lor2c_injected.")
+
+
+class AdapterLoadError(ValueError):
+    """An adapter does not fit the base model it is loaded onto; nothing was changed."""
+
+
+def atomic_write(path: str, write) -> None:
+    """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def base_signature(model: torch.nn.Module, blocks_path: Optional[str] = None) -> dict[str, Any]:
+    """What an adapter must match: base class, model type, hidden size and number of blocks."""
+    from . import architectures as arch
+
+    _, blocks = arch.find_block_stack(model, blocks_path)
+    return {
+        "base_model_class": type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "hidden_size": arch.hidden_size(model, blocks),
+        "num_blocks": len(blocks),
+    }
+
+
+def resolve_adapter_files(path_or_repo_id: str, **hub_kwargs: Any) -> tuple[str, str]:
+    """Local paths of (config, weights) from a directory or, failing that, a Hub repo id."""
+    if os.path.isdir(path_or_repo_id):
+        files = tuple(os.path.join(path_or_repo_id, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise AdapterLoadError(f"{path_or_repo_id} is not a LoR2C adapter directory: missing {missing}.")
+        return files
+    from huggingface_hub import hf_hub_download
+
+    return tuple(hf_hub_download(path_or_repo_id, name, **hub_kwargs) for name in (CONFIG_NAME, WEIGHTS_NAME))
+
+
+def read_adapter(weights_file: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(tensors, structure, base signature) of a saved adapter."""
+    with safe_open(weights_file, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "lor2c_structure" not in metadata or "lor2c_base" not in metadata:
+        raise AdapterLoadError(f"{weights_file} has no LoR2C structure metadata; it was not written by lor2c_hf.")
+    return tensors, json.loads(metadata["lor2c_structure"]), json.loads(metadata["lor2c_base"])
+
+
+def check_signature(expected: dict[str, Any], actual: dict[str, Any], source: str) -> None:
+    diffs = [f"{k}: adapter has {expected.get(k)!r}, base has {actual.get(k)!r}"
+             for k in ("model_type", "hidden_size", "num_blocks") if expected.get(k) != actual.get(k)]
+    if diffs:
+        raise AdapterLoadError(f"Adapter {source} was trained on a {expected.get('base_model_class')} and does not fit "
+                               f"this {actual.get('base_model_class')}: " + "; ".join(diffs) + ". The model was not changed.")
+
+
+class AdapterIOMixin:
+    """save_pretrained / from_pretrained / load_adapter / push_to_hub for `LoR2CModel`."""
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor (all allocated slots, so a resumed run is exact) plus `modules_to_save`."""
+        from .distributed import gathered
+
+        heads = tuple(f"base_model.{m}." for m in self.lor2c_config.modules_to_save or [])
+        names = ADAPTER_PREFIXES + heads
+        params = [p for n, p in self.named_parameters() if n.startswith(names)]
+        with gathered(params):
+            return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items() if k.startswith(names)}
+
+    def save_pretrained(self, save_directory: str, is_main_process: bool = True, **_: Any) -> None:
+        """Write `adapter_config.json` and `adapter_model.safetensors` (with the structure), each atomically."""
+        state = self.adapter_state_dict()  # every rank takes part in a ZeRO-3 gather
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        metadata = {
+            "format": "pt",
+            "lor2c_structure": json.dumps(self.structure),
+            "lor2c_base": json.dumps(base_signature(self.base_model, self.blocks_path)),
+        }
+        atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=metadata))
+        config_json = self.lor2c_config.to_json_string()
+        atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda tmp: open(tmp, "w", encoding="utf-8").write(config_json))
+
+    def load_adapter(self, path_or_repo_id: str, **hub_kwargs: Any) -> None:
+        """Restore weights and structure from a saved adapter onto this model (checked first, then applied)."""
+        from .config import LoR2CConfig
+        from .structure import Structure
+
+        config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
+        with open(config_file, encoding="utf-8") as f:
+            saved = LoR2CConfig.from_dict(json.load(f))
+        tensors, structure, signature = read_adapter(weights_file)
+        check_signature(signature, base_signature(self.base_model, self.blocks_path), path_or_repo_id)
+        mismatched = [f"{k}: adapter {getattr(saved, k)!r}, model {getattr(self.lor2c_config, k)!r}"
+                      for k in ("r", "lora_alpha", "share_a", "inject_r", "inject_alpha")
+                      if getattr(saved, k) != getattr(self.lor2c_config, k)]
+        if mismatched:
+            raise AdapterLoadError(f"Adapter {path_or_repo_id} was made with other settings ({'; '.join(mismatched)}); "
+                                   "use LoR2CModel.from_pretrained(base_model, path) to build the model from it.")
+        heads = tuple(f"base_model.{m}." for m in self.lor2c_config.modules_to_save or [])
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(ADAPTER_PREFIXES + heads)}
+        bad = sorted(set(own) ^ set(tensors)) + [k for k in tensors if k in own and own[k].shape != tensors[k].shape]
+        if bad:
+            raise AdapterLoadError(f"Adapter {path_or_repo_id} tensors do not fit this model: {bad[:5]}. The model was not changed.")
+        structure = Structure.from_dict(structure)
+        with torch.no_grad():
+            params = dict(self.named_parameters())
+            for k, v in tensors.items():
+                params[k].copy_(v)
+        self.set_structure(structure)
+
+    @classmethod
+    def from_pretrained(cls, model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False,
+                        **hub_kwargs: Any):
+        """Wrap `model` with the adapter saved at `path_or_repo_id` (a directory or a Hub repo id)."""
+        from .config import LoR2CConfig
+
+        config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
+        with open(config_file, encoding="utf-8") as f:
+            config = LoR2CConfig.from_dict(json.load(f))
+        _, _, signature = read_adapter(weights_file)
+        check_signature(signature, base_signature(model, config.blocks_path), path_or_repo_id)
+        wrapped = cls(model, config)
+        wrapped.load_adapter(os.path.dirname(weights_file))
+        if not is_trainable:
+            wrapped.eval()
+            for p in wrapped.parameters():
+                p.requires_grad_(False)
+        return wrapped
+
+    def push_to_hub(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: str = "Upload LoR2C adapter", metrics: Optional[dict[str, float]] = None,
+                    create_pr: bool = False) -> str:
+        """Upload the adapter and a generated model card to `repo_id`; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        from .model_card import model_card
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(model_card(self, repo_id, metrics))
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, create_pr=create_pr)
+        return str(info)

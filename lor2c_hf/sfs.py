@@ -1,0 +1,38 @@
+"""SFS, the "shape of feature space" score of a low-rank module (SPEC §3, the paper's eq. 5).
+
+For W = B A (d x d, rank <= r) with singular values s_1 >= ... >= s_n:
+rho = (s_1 + ... + s_k) / sum(s), SFS = 1 - rho. The singular values of B A equal those of the r x r
+matrix R_B R_A^T (QR of B and of A^T), so the d x d product is never formed. Always float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class SFSScores(NamedTuple):
+    sfs: torch.Tensor  # (n,) information score, 1 - rho; 0 for an all-zero module
+    rho: torch.Tensor  # (n,) share of the top-k singular values; 1 for an all-zero module
+    zero: torch.Tensor  # (n,) bool, modules whose B A is exactly zero (no defined SFS)
+
+
+def singular_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Singular values of `b @ a` for stacks a: (n, r, d) or (r, d), b: (n, d, r), descending, float32."""
+    b = b.detach().float()
+    a = a.detach().float()
+    if a.ndim == 2:
+        a = a.expand(b.shape[0], *a.shape)
+    _, r_b = torch.linalg.qr(b)  # (n, r, r)
+    _, r_a = torch.linalg.qr(a.transpose(-1, -2))  # (n, r, r)
+    return torch.linalg.svdvals(r_b @ r_a.transpose(-1, -2))
+
+
+def sfs_scores(a: torch.Tensor, b: torch.Tensor, top_k: int = 2) -> SFSScores:
+    """SFS of every module in the stacks `a` (n, r, d) or shared (r, d), and `b` (n, d, r), in one batched call."""
+    sv = singular_values(a, b)
+    total = sv.sum(-1)
+    zero = total == 0
+    rho = torch.where(zero, torch.ones_like(total), sv[:, :top_k].sum(-1) / total.clamp_min(torch.finfo(sv.dtype).tiny))
+    return SFSScores(sfs=1.0 - rho, rho=rho, zero=zero)
