@@ -3,10 +3,12 @@
 from .config import METHODS, ConfigError, LoR2CConfig
 from .model import Connection, LoR2CModel, get_lor2c_model
 from .serialization import AdapterLoadError
+from .callback import LoR2CCallback
 from .sfs import sfs_scores
+from .trainer import LoR2CTrainer
 
 __all__ = [
     "METHODS", "ConfigError", "LoR2CConfig", "Connection", "LoR2CModel", "get_lor2c_model",
-    "AdapterLoadError", "sfs_scores",
+    "AdapterLoadError", "sfs_scores", "LoR2CCallback", "LoR2CTrainer",
 ]
 __version__ = "0.1.0"

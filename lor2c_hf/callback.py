@@ -1,0 +1,94 @@
+"""`LoR2CCallback`: fires merges and injects on the paper's schedule during `Trainer.train()`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .model import LoR2CModel
+from .schedule import due_events, epoch_points, step_points
+
+logger = logging.getLogger("lor2c_hf")
+STRUCTURE_FILE = "lor2c_structure.json"
+
+
+def unwrap_lor2c(model: Any) -> LoR2CModel:
+    """The `LoR2CModel` inside a DDP / DeepSpeed / compiled wrapper."""
+    seen = model
+    while not isinstance(seen, LoR2CModel):
+        inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"LoR2CCallback needs a LoR2CModel; got {type(model).__name__}. Wrap it with get_lor2c_model().")
+        seen = inner
+    return seen
+
+
+class LoR2CCallback(TrainerCallback):
+    """Runs `apply_merge`/`apply_inject` per SPEC §6 and records them in the logs and in every checkpoint.
+
+    Which events are done is read from the model's structure, so a run resumed from a checkpoint (whose
+    adapter carries the structure) continues the schedule where it stopped.
+    """
+
+    def __init__(self, trainer: Optional[Any] = None) -> None:
+        self.trainer = trainer
+        self.merge_points: list[int] = []
+        self.inject_points: list[int] = []
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        lor2c = unwrap_lor2c(model)
+        c = lor2c.lor2c_config
+        if c.schedule == "epochs":
+            horizon, unit = state.num_train_epochs, "epoch"
+            self.merge_points, self.inject_points = epoch_points(horizon, c.num_merges), epoch_points(horizon, c.num_injects)
+        else:
+            horizon, unit = state.max_steps, "step"
+            self.merge_points, self.inject_points = step_points(horizon, c.num_merges), step_points(horizon, c.num_injects)
+        if c.has_events and state.is_world_process_zero:
+            logger.warning("[LoR2C] schedule (%s): merges after %s %s, injects after %s %s",
+                           c.schedule, unit, self.merge_points, unit, self.inject_points)
+            late = [p for p in self.merge_points + self.inject_points if p > horizon]
+            if late:
+                logger.warning("[LoR2C] %d event(s) fall after the last %s (%s) and will not happen: %s",
+                               len(late), unit, horizon, late)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        lor2c = unwrap_lor2c(model)
+        if lor2c.lor2c_config.schedule == "steps":
+            self._fire(lor2c, state, state.global_step)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        lor2c = unwrap_lor2c(model)
+        if lor2c.lor2c_config.schedule == "epochs":
+            self._fire(lor2c, state, round(state.epoch or 0))
+
+    def _fire(self, lor2c: LoR2CModel, state: TrainerState, now: float) -> None:
+        s = lor2c._structure
+        for kind in due_events(self.merge_points, self.inject_points, s.count("merge"), s.count("inject"), now):
+            event = getattr(lor2c, f"apply_{kind}")
+            record = event(step=state.global_step, epoch=state.epoch)
+            if self.trainer is not None and not record.get("skipped"):
+                scores = record["scores"]
+                self.trainer.log({
+                    f"lor2c/{kind}_first_block": float(record["blocks"][0]),
+                    f"lor2c/{kind}_last_block": float(record["blocks"][-1]),
+                    f"lor2c/{kind}_sfs": float(sum(scores)),
+                    "lor2c/adapter_params": float(record["params_after"]),
+                })
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        if not state.is_world_process_zero:
+            return
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(checkpoint):
+            from .serialization import atomic_write
+
+            payload = {"structure": unwrap_lor2c(model).structure,
+                       "merge_points": self.merge_points, "inject_points": self.inject_points}
+            atomic_write(os.path.join(checkpoint, STRUCTURE_FILE),
+                         lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(payload, indent=1)))

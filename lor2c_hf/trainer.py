@@ -1,0 +1,71 @@
+"""`LoR2CTrainer`: `transformers.Trainer` with a LoR2C adapter; swap the class name, pass `lor2c_config`.
+
+It overrides only what an adapter changes: wrapping the model, installing the schedule callback, saving and
+loading the adapter (not the base weights) in checkpoints, and looking through the wrapper for the base
+model's forward signature and label names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer
+from transformers.utils import can_return_loss, find_labels
+
+from .callback import LoR2CCallback, unwrap_lor2c
+from .config import LoR2CConfig
+from .model import LoR2CModel, get_lor2c_model
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+class LoR2CTrainer(Trainer):
+    """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`)."""
+
+    def __init__(self, model: Optional[torch.nn.Module] = None, args: Any = None, *trainer_args: Any,
+                 lor2c_config: Optional[LoR2CConfig] = None, **trainer_kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("LoR2CTrainer needs a model (a transformers model or a LoR2CModel); model_init is not supported.")
+        if isinstance(model, LoR2CModel):
+            if lor2c_config is not None and lor2c_config != model.lor2c_config:
+                raise ValueError("lor2c_config differs from the config of the LoR2CModel passed as model; pass only one.")
+        else:
+            model = get_lor2c_model(model, lor2c_config or LoR2CConfig())
+        if args is not None and args.ddp_find_unused_parameters is None:
+            # Slots that merges retire or injects have not yet activated receive no gradient.
+            args.ddp_find_unused_parameters = model.lor2c_config.has_events
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        base_class = model.get_base_model().__class__
+        if self.args.label_names is None:
+            self.label_names = find_labels(base_class)
+        self.can_return_loss = can_return_loss(base_class)
+        self.lor2c_callback = LoR2CCallback(trainer=self)
+        self.add_callback(self.lor2c_callback)
+
+    @property
+    def lor2c_model(self) -> LoR2CModel:
+        return unwrap_lor2c(self.model)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            params = inspect.signature(self.lor2c_model.get_base_model().forward).parameters
+            self._signature_columns = list(params) + list({"label", "label_ids", *self.label_names})
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """Write only the adapter (config, weights, structure), plus tokenizer and training arguments."""
+        output_dir = output_dir or self.args.output_dir
+        self.lor2c_model.save_pretrained(output_dir, is_main_process=self.args.should_save)
+        if not self.args.should_save:
+            return
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
+        unwrap_lor2c(model if model is not None else self.model).load_adapter(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self.lor2c_model.load_adapter(self.state.best_model_checkpoint)
