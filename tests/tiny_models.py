@@ -19,7 +19,8 @@ CONFIGS = {
     "qwen2": lambda L: tf.Qwen2Config(vocab_size=VOCAB, num_hidden_layers=L, num_key_value_heads=2, pad_token_id=0, **SMALL),
     "gemma": lambda L: tf.GemmaConfig(vocab_size=VOCAB, num_hidden_layers=L, num_key_value_heads=1, head_dim=8, pad_token_id=0, **SMALL),
     "phi": lambda L: tf.PhiConfig(vocab_size=VOCAB, num_hidden_layers=L, pad_token_id=0, **SMALL),
-    "gpt2": lambda L: tf.GPT2Config(vocab_size=VOCAB, n_layer=L, n_embd=32, n_head=4, n_positions=64, pad_token_id=0),
+    "gpt2": lambda L: tf.GPT2Config(vocab_size=VOCAB, n_layer=L, n_embd=32, n_head=4, n_positions=64, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=1),  # GPT-2's default 50256 is outside VOCAB
     "gpt_neox": lambda L: tf.GPTNeoXConfig(vocab_size=VOCAB, num_hidden_layers=L, pad_token_id=0, **SMALL),
     "opt": lambda L: tf.OPTConfig(vocab_size=VOCAB, num_hidden_layers=L, hidden_size=32, ffn_dim=64, num_attention_heads=4,
                                   word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=1),
