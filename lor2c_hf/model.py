@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .config import LoR2CConfig
+from .config import ConfigError, LoR2CConfig
 from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, add_to_hidden, hidden_input
 from .serialization import AdapterIOMixin
 from .sfs import SFSScores, sfs_scores
@@ -74,18 +74,18 @@ class LoR2CModel(AdapterIOMixin, nn.Module):
     def _validate_against_model(self) -> None:
         c, d, L = self.lor2c_config, self.hidden_size, self.num_blocks
         if c.r > d:
-            raise ValueError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.base_model).__name__}; expected 1 <= r <= {d}.")
+            raise ConfigError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.base_model).__name__}; expected 1 <= r <= {d}.")
         if c.num_merges > L - 1:
-            raise ValueError(f"LoR2CConfig.num_merges={c.num_merges} but the model has {L} blocks: at most {L - 1} merges are possible.")
+            raise ConfigError(f"LoR2CConfig.num_merges={c.num_merges} but the model has {L} blocks: at most {L - 1} merges are possible.")
         if c.num_injects > L:
-            raise ValueError(f"LoR2CConfig.num_injects={c.num_injects} but the model has {L} blocks: at most {L} injects are possible.")
+            raise ConfigError(f"LoR2CConfig.num_injects={c.num_injects} but the model has {L} blocks: at most {L} injects are possible.")
         if c.num_merges + c.num_injects > L:
-            raise ValueError(f"LoR2CConfig.num_merges + num_injects = {c.num_merges + c.num_injects} exceeds the {L} blocks of the model.")
+            raise ConfigError(f"LoR2CConfig.num_merges + num_injects = {c.num_merges + c.num_injects} exceeds the {L} blocks of the model.")
         if c.modules_to_save:
             children = dict(self.base_model.named_modules())
             missing = [m for m in c.modules_to_save if m not in children]
             if missing:
-                raise ValueError(f"LoR2CConfig.modules_to_save: {missing} not found in {type(self.base_model).__name__}.")
+                raise ConfigError(f"LoR2CConfig.modules_to_save: {missing} not found in {type(self.base_model).__name__}.")
 
     def _freeze_base(self) -> None:
         for p in self.base_model.parameters():
