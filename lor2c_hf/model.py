@@ -68,6 +68,7 @@ class LoR2CModel(AdapterIOMixin, nn.Module):
             for i, block in enumerate(self._blocks)
         ]
         self._rebuild_plan()
+        self.train(model.training)  # new adapter modules follow the base's mode (no dropout on an eval-mode base)
 
     # --- construction ------------------------------------------------------------------------------------
 
