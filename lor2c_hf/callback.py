@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Optional
 
@@ -65,7 +66,8 @@ class LoR2CCallback(TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         lor2c = unwrap_lor2c(model)
         if lor2c.lor2c_config.schedule == "epochs":
-            self._fire(lor2c, state, round(state.epoch or 0))
+            # Completed epochs only: when max_steps stops training mid-epoch, that epoch has not ended.
+            self._fire(lor2c, state, math.floor((state.epoch or 0) + 1e-6))
 
     def _fire(self, lor2c: LoR2CModel, state: TrainerState, now: float) -> None:
         s = lor2c._structure
