@@ -7,6 +7,7 @@ model's forward signature and label names.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from typing import Any, Optional
@@ -22,6 +23,12 @@ from .model import LoR2CModel, get_lor2c_model
 TRAINING_ARGS_NAME = "training_args.bin"
 
 
+def _conflicting_fields(given: LoR2CConfig, actual: LoR2CConfig) -> list[str]:
+    """Fields set in `given` that differ from `actual`; None means "detect", which wrapping filled in."""
+    return [f.name for f in dataclasses.fields(given)
+            if getattr(given, f.name) is not None and getattr(given, f.name) != getattr(actual, f.name)]
+
+
 class LoR2CTrainer(Trainer):
     """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`)."""
 
@@ -30,8 +37,10 @@ class LoR2CTrainer(Trainer):
         if model is None:
             raise ValueError("LoR2CTrainer needs a model (a transformers model or a LoR2CModel); model_init is not supported.")
         if isinstance(model, LoR2CModel):
-            if lor2c_config is not None and lor2c_config != model.lor2c_config:
-                raise ValueError("lor2c_config differs from the config of the LoR2CModel passed as model; pass only one.")
+            conflicts = _conflicting_fields(lor2c_config, model.lor2c_config) if lor2c_config is not None else []
+            if conflicts:
+                raise ValueError(f"lor2c_config differs from the config of the LoR2CModel passed as model in {conflicts}; "
+                                 "pass only one.")
         else:
             model = get_lor2c_model(model, lor2c_config or LoR2CConfig())
         if args is not None and args.ddp_find_unused_parameters is None:
