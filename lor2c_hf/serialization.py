@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Any, Optional
 
@@ -33,11 +34,27 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # the bytes reach the disk before the rename makes them visible
+            os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp creates 0600; give the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _new_file_mode(path: str) -> int:
+    """The existing file's mode, or 0o666 minus the umask (read without changing it where Linux allows)."""
+    if os.path.exists(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def base_signature(model: torch.nn.Module, blocks_path: Optional[str] = None) -> dict[str, Any]:
@@ -63,7 +80,11 @@ def resolve_adapter_files(path_or_repo_id: str, **hub_kwargs: Any) -> tuple[str,
         return files
     from huggingface_hub import hf_hub_download
 
-    return tuple(hf_hub_download(path_or_repo_id, name, **hub_kwargs) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    try:
+        return tuple(hf_hub_download(path_or_repo_id, name, **hub_kwargs) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    except Exception as e:
+        raise AdapterLoadError(f"{path_or_repo_id} is not a local directory, and fetching it as a Hub repo id failed: "
+                               f"{type(e).__name__}: {e}") from e
 
 
 def read_adapter(weights_file: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
@@ -130,7 +151,10 @@ class AdapterIOMixin:
                                    "use LoR2CModel.from_pretrained(base_model, path) to build the model from it.")
         heads = tuple(f"base_model.{m}." for m in self.lor2c_config.modules_to_save or [])
         own = {k: v for k, v in self.state_dict().items() if k.startswith(ADAPTER_PREFIXES + heads)}
-        bad = sorted(set(own) ^ set(tensors)) + [k for k in tensors if k in own and own[k].shape != tensors[k].shape]
+        bad = [f"{k} (adapter only)" for k in sorted(set(tensors) - set(own))]
+        bad += [f"{k} (model only)" for k in sorted(set(own) - set(tensors))]
+        bad += [f"{k}: adapter {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
+                for k in sorted(tensors) if k in own and own[k].shape != tensors[k].shape]
         if bad:
             raise AdapterLoadError(f"Adapter {path_or_repo_id} tensors do not fit this model: {bad[:5]}. The model was not changed.")
         structure = Structure.from_dict(structure)
@@ -151,8 +175,18 @@ class AdapterIOMixin:
             config = LoR2CConfig.from_dict(json.load(f))
         _, _, signature = read_adapter(weights_file)
         check_signature(signature, base_signature(model, config.blocks_path), path_or_repo_id)
+        trainable = {p: p.requires_grad for p in model.parameters()}
+        modes = {m: m.training for m in model.modules()}
         wrapped = cls(model, config)
-        wrapped.load_adapter(os.path.dirname(weights_file))
+        try:
+            wrapped.load_adapter(os.path.dirname(weights_file))
+        except BaseException:  # leave `model` as it came: no hooks, same trainable flags and modes
+            wrapped.unload()
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+            for m, mode in modes.items():
+                m.training = mode
+            raise
         if not is_trainable:
             wrapped.eval()
             for p in wrapped.parameters():
