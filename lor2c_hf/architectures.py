@@ -103,8 +103,12 @@ def default_qv_targets(model: nn.Module) -> list[str]:
     return list(QV_PROJECTIONS.get(model_type, DEFAULT_QV))
 
 
-def resolve_targets(block: nn.Module, block_index: int, targets: list[str]) -> dict[str, nn.Module]:
-    """Map each target name to the module inside `block` whose dotted name equals it or ends with it."""
+def resolve_targets(block: nn.Module, block_index: int, targets: list[str],
+                    field: str = "inject_target_modules") -> dict[str, nn.Module]:
+    """Map each target name to the module inside `block` whose dotted name equals it or ends with it.
+
+    `field` is the config field the names came from, so the error names it.
+    """
     names = dict(block.named_modules())
     resolved = {}
     for target in targets:
@@ -113,7 +117,7 @@ def resolve_targets(block: nn.Module, block_index: int, targets: list[str]) -> d
             linear_names = [n for n, m in names.items() if hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2]
             what = "no module" if not matches else f"{len(matches)} modules ({matches})"
             raise ArchitectureError(
-                f"inject_target_modules: {target!r} matches {what} in block {block_index} "
+                f"{field}: {target!r} matches {what} in block {block_index} "
                 f"({type(block).__name__}); its projection modules are {linear_names}."
             )
         resolved[matches[0]] = names[matches[0]]

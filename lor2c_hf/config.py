@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 METHODS = ("lor2c", "sharelor2c", "mergelor2c", "injectlor2c", "imlor2c")
 MERGE_CRITERIA = ("paper", "official")
@@ -23,14 +23,41 @@ class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field and what is allowed."""
 
 
-def _check(condition: bool, name: str, value: Any, allowed: str) -> None:
+def _check(condition: bool, name: str, value: Any, allowed: str, owner: str = "LoR2CConfig") -> None:
     if not condition:
-        raise ConfigError(f"LoR2CConfig.{name}={value!r} is invalid: expected {allowed}.")
+        raise ConfigError(f"{owner}.{name}={value!r} is invalid: expected {allowed}.")
+
+
+class AdapterConfigIO:
+    """JSON round trip shared by the adapter configs (`LoR2CConfig`, `ResLoRAConfig`): `adapter_config.json`."""
+
+    peft_type: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known - {"peft_type"}
+        if unknown:
+            raise ConfigError(f"adapter config has unknown fields {sorted(unknown)}; known fields: {sorted(known)}.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_pretrained(cls, directory: str):
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
 
 
 @dataclass
-class LoR2CConfig:
+class LoR2CConfig(AdapterConfigIO):
     """Configuration of a LoR2C-family adapter (LoR2C, ShareLoR2C, MergeLoR2C, InjectLoR2C, IMLoR2C)."""
+
+    peft_type: ClassVar[str] = "LOR2C"
 
     method: str = field(default="lor2c", metadata={"help": f"Name of the method this config describes: one of {METHODS}."})
     r: int = field(default=8, metadata={"help": "Rank r of each low-rank residual connection (A: r x d, B: d x r)."})
@@ -99,22 +126,3 @@ class LoR2CConfig:
             "imlor2c": {"num_merges": 4, "num_injects": 4},
         }
         return cls(**{"method": method, **presets[method], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": "LOR2C", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoR2CConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known - {"peft_type"}
-        if unknown:
-            raise ConfigError(f"adapter config has unknown fields {sorted(unknown)}; known fields: {sorted(known)}.")
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> "LoR2CConfig":
-        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))

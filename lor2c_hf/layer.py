@@ -36,12 +36,37 @@ class LoraLayer(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return self.lora_B(self.lora_A(self.dropped_input(x))) * self.scaling
+
+    def dropped_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`dropout(x)` in the adapter's dtype: what `lora_A` reads (ResLoRA combines these across layers)."""
+        return self.lora_dropout(x.to(self.lora_A.weight.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update `scaling * B A` (out x in), for merging into the base weight."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+def add_lora_delta(output: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A projection's output plus a LoRA delta, summed in the wider dtype and cast back (as PEFT does)."""
+    return (output + delta).to(output.dtype)
+
+
+def merge_into_projection(module: nn.Module, delta_weight: torch.Tensor) -> None:
+    """Add a dense update `delta_weight` (out x in) to a projection's weight in place, in float32.
+
+    `nn.Linear` stores its weight as (out, in); transformers' GPT-2 `Conv1D` stores (in, out).
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or type(weight) not in (torch.Tensor, nn.Parameter):
+        raise TypeError(f"Cannot merge LoRA into {type(module).__name__}: its weight is not a plain floating-point tensor "
+                        "(quantized or sharded?). Dequantize or gather it first, or keep the adapter unmerged.")
+    delta = delta_weight.t() if hasattr(module, "nf") else delta_weight  # Conv1D: (in, out)
+    if delta.shape != weight.shape:
+        raise ValueError(f"Cannot merge a {tuple(delta_weight.shape)} update into {type(module).__name__} "
+                         f"with weight {tuple(weight.shape)}.")
+    with torch.no_grad():
+        weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
 
 
 class LoR2CConnections(nn.Module):

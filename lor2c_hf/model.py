@@ -15,8 +15,9 @@ from torch import nn
 
 from . import architectures as arch
 from .config import ConfigError, LoR2CConfig
-from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, add_to_hidden, hidden_input
+from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, add_lora_delta, add_to_hidden, hidden_input, merge_into_projection
 from .serialization import AdapterIOMixin
+from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
 from .sfs import SFSScores, sfs_scores
 from .structure import Structure
 
@@ -35,7 +36,7 @@ class Connection:
         return f"Connection(span={self.span}, slot={self.slot}, r={self.lora_A.shape[0]}, d={self.lora_A.shape[1]})"
 
 
-class LoR2CModel(AdapterIOMixin, nn.Module):
+class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     """Wraps a `transformers` model; `forward`, `generate` and every other attribute go to the base model."""
 
     def __init__(self, model: nn.Module, config: LoR2CConfig) -> None:
@@ -46,29 +47,33 @@ class LoR2CModel(AdapterIOMixin, nn.Module):
         self.num_blocks = len(self._blocks)
         self.hidden_size = arch.hidden_size(model, self._blocks)
         self._validate_against_model()
-        ref = _reference_param(model)
-        dtype = ref.dtype if ref.dtype == torch.float32 else torch.float32  # like PEFT, train adapters in fp32
+        device, dtype = adapter_placement(model)  # like PEFT, train adapters in fp32
         self.lor2c = LoR2CConnections(self.num_blocks, self.hidden_size, config.r, config.lora_alpha,
-                                      config.lora_dropout, config.share_a, device=ref.device, dtype=dtype)
+                                      config.lora_dropout, config.share_a, device=device, dtype=dtype)
         self._targets: list[dict[str, nn.Module]] = []
         if config.num_injects > 0:
             names = config.inject_target_modules or arch.default_qv_targets(model)
             self._targets = [arch.resolve_targets(b, i, names) for i, b in enumerate(self._blocks)]
             shapes = [{n: arch.projection_shape(m) for n, m in t.items()} for t in self._targets]
             self.lor2c_injected = InjectedLoRA(shapes, config.inject_r, config.inject_alpha, config.inject_dropout,
-                                               device=ref.device, dtype=dtype)
+                                               device=device, dtype=dtype)
         if config.modules_to_save is None:
             config.modules_to_save = arch.detect_task_heads(model)
         self._freeze_base()
         self._structure = Structure.initial(self.num_blocks)
         self._stash: dict[int, torch.Tensor] = {}
         self._inject_hooks: list[Any] = []
+        self._merged_into_base = False
         self._block_hooks = [
             block.register_forward_hook(self._make_block_hook(i), with_kwargs=True)
             for i, block in enumerate(self._blocks)
         ]
         self._rebuild_plan()
         self.train(model.training)  # new adapter modules follow the base's mode (no dropout on an eval-mode base)
+
+    @property
+    def adapter_config(self) -> LoR2CConfig:
+        return self.lor2c_config
 
     # --- construction ------------------------------------------------------------------------------------
 
@@ -82,19 +87,7 @@ class LoR2CModel(AdapterIOMixin, nn.Module):
             raise ConfigError(f"LoR2CConfig.num_injects={c.num_injects} but the model has {L} blocks: at most {L} injects are possible.")
         if c.num_merges + c.num_injects > L:
             raise ConfigError(f"LoR2CConfig.num_merges + num_injects = {c.num_merges + c.num_injects} exceeds the {L} blocks of the model.")
-        if c.modules_to_save:
-            children = dict(self.base_model.named_modules())
-            missing = [m for m in c.modules_to_save if m not in children]
-            if missing:
-                raise ConfigError(f"LoR2CConfig.modules_to_save: {missing} not found in {type(self.base_model).__name__}.")
-
-    def _freeze_base(self) -> None:
-        for p in self.base_model.parameters():
-            p.requires_grad_(False)
-        modules = dict(self.base_model.named_modules())
-        for name in self.lor2c_config.modules_to_save or []:
-            for p in modules[name].parameters():
-                p.requires_grad_(True)
+        check_modules_to_save(self.base_model, c.modules_to_save, "LoR2CConfig")
 
     # --- forward -------------------------------------------------------------------------------------------
 
@@ -106,7 +99,7 @@ class LoR2CModel(AdapterIOMixin, nn.Module):
         for handle in self._inject_hooks:
             handle.remove()
         self._inject_hooks = []
-        for block in s.injected:
+        for block in [] if self._merged_into_base else s.injected:
             for name, layer in self.lor2c_injected.layers_of(block).items():
                 module = self._targets[block][name]
                 self._inject_hooks.append(module.register_forward_hook(_lora_hook(layer)))
@@ -123,38 +116,6 @@ class LoR2CModel(AdapterIOMixin, nn.Module):
             return add_to_hidden(output, self.lor2c(slot, x))
 
         return hook
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Checkpoint the base blocks; inputs require grad so LoRA inside a checkpointed block still trains."""
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        if hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
-
-    @property
-    def accepts_loss_kwargs(self) -> bool:
-        base = self.base_model
-        if hasattr(base, "accepts_loss_kwargs"):
-            return base.accepts_loss_kwargs
-        import inspect
-
-        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
 
     # --- structure -----------------------------------------------------------------------------------------
 
@@ -200,6 +161,8 @@ class LoR2CModel(AdapterIOMixin, nn.Module):
         """Perform one InjectLoR2C event (SPEC §5) and return its record."""
         if not self._targets:
             raise ValueError("apply_inject() needs an adapter created with num_injects > 0 (its LoRA is allocated up front).")
+        if self._merged_into_base:
+            raise ValueError("apply_inject() after merge_and_unload(): the injected LoRA is already in the base weights.")
         return self._apply_event("inject", step, epoch)
 
     def _apply_event(self, kind: str, step: Optional[int], epoch: Optional[float]) -> dict[str, Any]:
@@ -245,21 +208,23 @@ class LoR2CModel(AdapterIOMixin, nn.Module):
             total += conn.lora_A[0].numel()
         else:
             total += sum(conn.lora_A[slot].numel() for slot in s.owners)
-        for block in s.injected:
+        for block in [] if self._merged_into_base else s.injected:
             total += sum(p.numel() for p in self.lor2c_injected.blocks[block].parameters())
         return total
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total): active adapter parameters plus `modules_to_save`, and the base model's count."""
-        heads = dict(self.base_model.named_modules())
-        head_params = sum(p.numel() for name in self.lor2c_config.modules_to_save or [] for p in heads[name].parameters())
-        adapter = self.num_adapter_parameters()
-        base = sum(p.numel() for p in self.base_model.parameters())
-        return adapter + head_params, base + adapter
+    def merge_and_unload(self) -> "LoR2CModel":
+        """Fold the injected LoRA of InjectLoR2C/IMLoR2C into its q/v weights for inference and drop its hooks.
 
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        LoR2C spans add to hidden states across blocks, so no weight can absorb them: they stay as hooks, and
+        what comes back is this model with only its spans left. Save the adapter before calling this.
+        """
+        if not self._merged_into_base:
+            for block in self._structure.injected:
+                for name, layer in self.lor2c_injected.layers_of(block).items():
+                    merge_into_projection(self._targets[block][name], layer.delta_weight().detach())
+            self._merged_into_base = bool(self._structure.injected)
+            self._rebuild_plan()
+        return self
 
     def unload(self) -> nn.Module:
         """Remove every hook and return the untouched base model (the adapter is discarded)."""
@@ -287,16 +252,9 @@ def describe_event(record: dict[str, Any]) -> str:
 
 def _lora_hook(layer: LoraLayer):
     def hook(module, args, output):
-        return output + layer(args[0]).to(output.dtype)
+        return add_lora_delta(output, layer(args[0]))
 
     return hook
-
-
-def _reference_param(model: nn.Module) -> torch.Tensor:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p
-    raise ValueError(f"{type(model).__name__} has no floating-point parameters to take a device and dtype from.")
 
 
 def get_lor2c_model(model: nn.Module, config: LoR2CConfig) -> LoR2CModel:

@@ -17,10 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, METHODS, LoR2CConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PREFIXES = ("lor2c.", "lor2c_injected.")
+ADAPTER_CLASSES: dict[str, type] = {}  # method name -> the model class that loads it (filled by subclasses)
 
 
 class AdapterLoadError(ValueError):
@@ -105,21 +106,69 @@ def check_signature(expected: dict[str, Any], actual: dict[str, Any], source: st
                                f"this {actual.get('base_model_class')}: " + "; ".join(diffs) + ". The model was not changed.")
 
 
+def read_adapter_config(config_file: str, model_class: type, source: str):
+    """The config in `config_file`, checked to be one `model_class` loads (its `method` field says which)."""
+    with open(config_file, encoding="utf-8") as f:
+        data = json.load(f)
+    method = data.get("method")
+    if method not in model_class.adapter_methods:
+        owner = ADAPTER_CLASSES.get(method)
+        hint = f"load it with {owner.__name__}.from_pretrained" if owner else f"known methods: {sorted(ADAPTER_CLASSES)}"
+        raise AdapterLoadError(f"Adapter {source} is a {method!r} adapter, which {model_class.__name__} cannot load; {hint}.")
+    return model_class.config_class.from_dict(data)
+
+
+def load_adapter_model(model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False, **hub_kwargs: Any):
+    """Wrap `model` with a saved adapter of any method (LoR2C family or ResLoRA), chosen by its `method` field."""
+    config_file, _ = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
+    with open(config_file, encoding="utf-8") as f:
+        method = json.load(f).get("method")
+    if method not in ADAPTER_CLASSES:
+        raise AdapterLoadError(f"Adapter {path_or_repo_id} has method {method!r}; known methods: {sorted(ADAPTER_CLASSES)}.")
+    return ADAPTER_CLASSES[method].from_pretrained(model, path_or_repo_id, is_trainable=is_trainable, **hub_kwargs)
+
+
 class AdapterIOMixin:
-    """save_pretrained / from_pretrained / load_adapter / push_to_hub for `LoR2CModel`."""
+    """save_pretrained / from_pretrained / load_adapter / push_to_hub for the adapter models.
+
+    The class attributes say what a model saves; their defaults are `LoR2CModel`'s. A subclass also provides
+    `adapter_config`, `structure` (JSON-able), `set_structure` and `blocks_path`.
+    """
+
+    adapter_prefixes: tuple[str, ...] = ADAPTER_PREFIXES  # state_dict prefixes of the adapter's tensors
+    adapter_methods: tuple[str, ...] = METHODS  # values of the config's `method` field this class loads
+    config_class: type = LoR2CConfig
+    matching_fields: tuple[str, ...] = ("r", "lora_alpha", "share_a", "inject_r", "inject_alpha")  # must agree to load
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method in cls.adapter_methods:
+            ADAPTER_CLASSES.setdefault(method, cls)
+
+    def parse_structure(self, data: dict[str, Any]) -> Any:
+        """Check a saved structure before anything changes; the result goes to `set_structure`."""
+        from .structure import Structure
+
+        return Structure.from_dict(data)
+
+    def _refuse_if_merged(self, action: str) -> None:
+        if getattr(self, "_merged_into_base", False):
+            raise RuntimeError(f"Cannot {action}: merge_and_unload() already folded this adapter into the base weights. "
+                               "Save the adapter before merging.")
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor (all allocated slots, so a resumed run is exact) plus `modules_to_save`."""
         from .distributed import gathered
 
-        heads = tuple(f"base_model.{m}." for m in self.lor2c_config.modules_to_save or [])
-        names = ADAPTER_PREFIXES + heads
+        heads = tuple(f"base_model.{m}." for m in self.adapter_config.modules_to_save or [])
+        names = self.adapter_prefixes + heads
         params = [p for n, p in self.named_parameters() if n.startswith(names)]
         with gathered(params):
             return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items() if k.startswith(names)}
 
     def save_pretrained(self, save_directory: str, is_main_process: bool = True, **_: Any) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors` (with the structure), each atomically."""
+        self._refuse_if_merged("save the adapter")
         state = self.adapter_state_dict()  # every rank takes part in a ZeRO-3 gather
         if not is_main_process:
             return
@@ -130,49 +179,43 @@ class AdapterIOMixin:
             "lor2c_base": json.dumps(base_signature(self.base_model, self.blocks_path)),
         }
         atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=metadata))
-        config_json = self.lor2c_config.to_json_string()
+        config_json = self.adapter_config.to_json_string()
         atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda tmp: open(tmp, "w", encoding="utf-8").write(config_json))
 
     def load_adapter(self, path_or_repo_id: str, **hub_kwargs: Any) -> None:
         """Restore weights and structure from a saved adapter onto this model (checked first, then applied)."""
-        from .config import LoR2CConfig
-        from .structure import Structure
-
+        self._refuse_if_merged("load an adapter")
         config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
-        with open(config_file, encoding="utf-8") as f:
-            saved = LoR2CConfig.from_dict(json.load(f))
+        saved = read_adapter_config(config_file, type(self), path_or_repo_id)
         tensors, structure, signature = read_adapter(weights_file)
         check_signature(signature, base_signature(self.base_model, self.blocks_path), path_or_repo_id)
-        mismatched = [f"{k}: adapter {getattr(saved, k)!r}, model {getattr(self.lor2c_config, k)!r}"
-                      for k in ("r", "lora_alpha", "share_a", "inject_r", "inject_alpha")
-                      if getattr(saved, k) != getattr(self.lor2c_config, k)]
+        mismatched = [f"{k}: adapter {getattr(saved, k)!r}, model {getattr(self.adapter_config, k)!r}"
+                      for k in self.matching_fields
+                      if getattr(saved, k) != getattr(self.adapter_config, k)]
         if mismatched:
             raise AdapterLoadError(f"Adapter {path_or_repo_id} was made with other settings ({'; '.join(mismatched)}); "
-                                   "use LoR2CModel.from_pretrained(base_model, path) to build the model from it.")
-        heads = tuple(f"base_model.{m}." for m in self.lor2c_config.modules_to_save or [])
-        own = {k: v for k, v in self.state_dict().items() if k.startswith(ADAPTER_PREFIXES + heads)}
+                                   f"use {type(self).__name__}.from_pretrained(base_model, path) to build the model from it.")
+        heads = tuple(f"base_model.{m}." for m in self.adapter_config.modules_to_save or [])
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(self.adapter_prefixes + heads)}
         bad = [f"{k} (adapter only)" for k in sorted(set(tensors) - set(own))]
         bad += [f"{k} (model only)" for k in sorted(set(own) - set(tensors))]
         bad += [f"{k}: adapter {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
                 for k in sorted(tensors) if k in own and own[k].shape != tensors[k].shape]
         if bad:
             raise AdapterLoadError(f"Adapter {path_or_repo_id} tensors do not fit this model: {bad[:5]}. The model was not changed.")
-        structure = Structure.from_dict(structure)
+        structure = self.parse_structure(structure)
         with torch.no_grad():
-            params = dict(self.named_parameters())
+            targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
             for k, v in tensors.items():
-                params[k].copy_(v)
+                targets[k].copy_(v)
         self.set_structure(structure)
 
     @classmethod
     def from_pretrained(cls, model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False,
                         **hub_kwargs: Any):
         """Wrap `model` with the adapter saved at `path_or_repo_id` (a directory or a Hub repo id)."""
-        from .config import LoR2CConfig
-
         config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
-        with open(config_file, encoding="utf-8") as f:
-            config = LoR2CConfig.from_dict(json.load(f))
+        config = read_adapter_config(config_file, cls, path_or_repo_id)
         _, _, signature = read_adapter(weights_file)
         check_signature(signature, base_signature(model, config.blocks_path), path_or_repo_id)
         trainable = {p: p.requires_grad for p in model.parameters()}
