@@ -1,0 +1,473 @@
+"""What every recipe shares: arguments (dataclasses + `--config` YAML + command-line overrides), loading models
+and data from Hub ids or local paths, wrapping a model with the chosen method, and one-line errors.
+
+Bad input raises `RecipeError` before any training step; `run_recipe` prints it as one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import yaml
+from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments
+
+import lor2c_hf
+from lor2c_hf import LoR2CConfig, LoR2CModel, LoR2CTrainer, get_lor2c_model
+from lor2c_hf.architectures import default_qv_targets
+
+LOR2C_METHODS = tuple(lor2c_hf.METHODS)
+MERGE_METHODS = ("mergelor2c", "imlor2c")
+INJECT_METHODS = ("injectlor2c", "imlor2c")
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+SAVE_TO_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class RecipeError(Exception):
+    """Bad input to a recipe; the message (one line) names the argument and what to pass instead."""
+
+
+def available_methods() -> tuple[str, ...]:
+    """`lora` (PEFT baseline), the LoR2C family, and `reslora` once `lor2c_hf` provides it."""
+    reslora = ("reslora",) if hasattr(lor2c_hf, "get_reslora_model") else ()
+    return ("lora",) + LOR2C_METHODS + reslora
+
+
+def one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+# --- arguments -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """Which base model to load and how (precision, quantization, attention kernel)."""
+
+    model_name_or_path: str = field(metadata={"help": "Hub id or local folder saved with save_pretrained (config.json + weights)."})
+    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer Hub id or folder (default: the model's)."})
+    torch_dtype: Optional[str] = field(default=None, metadata={"help": "dtype of the base weights: bfloat16, float16 or float32 (default: bfloat16 with --bf16, float16 with --fp16, else float32)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA-style 4-bit base: bitsandbytes NF4, double quantization, bf16 compute (CUDA only)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base through bitsandbytes (CUDA only)."})
+    attn_implementation: Optional[str] = field(default=None, metadata={"help": "Attention kernel: eager, sdpa or flash_attention_2 (default: transformers' choice)."})
+
+
+@dataclass
+class AdapterArguments:
+    """The method and its hyper-parameters; unset values take the method preset of `LoR2CConfig.for_method`."""
+
+    method: str = field(default="lor2c", metadata={"help": "lora (PEFT, on q and v), lor2c, sharelor2c, mergelor2c, injectlor2c, imlor2c, or reslora where lor2c_hf has it."})
+    r: Optional[int] = field(default=None, metadata={"help": "Rank of the LoR2C connections (and of LoRA / ResLoRA for those methods)."})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "Scaling numerator: deltas are multiplied by lora_alpha / r."})
+    lora_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout on the adapter input."})
+    num_merges: Optional[int] = field(default=None, metadata={"help": "M, for mergelor2c and imlor2c (ignored by other methods)."})
+    num_injects: Optional[int] = field(default=None, metadata={"help": "N, for injectlor2c and imlor2c (ignored by other methods)."})
+    inject_r: Optional[int] = field(default=None, metadata={"help": "Rank of the LoRA injected on q and v (default r // 2)."})
+    inject_alpha: Optional[float] = field(default=None, metadata={"help": "lora_alpha of the injected LoRA."})
+    inject_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout of the injected LoRA."})
+    schedule: Optional[str] = field(default=None, metadata={"help": "When events happen: 'epochs' (paper eqs. 11-12) or 'steps' (fractional epochs, checked every optimizer step)."})
+    merge_criterion: Optional[str] = field(default=None, metadata={"help": "'paper' (lowest summed SFS) or 'official' (lowest summed rho, the authors' code)."})
+    merge_keep: Optional[str] = field(default=None, metadata={"help": "Whose A, B survive a merge: 'paper' (higher SFS) or 'official' (lower block)."})
+    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Projections for LoRA / ResLoRA / injected LoRA (default: the query and value projections of the architecture)."})
+    res_flag: Optional[str] = field(default=None, metadata={"help": "ResLoRA residual type: is, bs or ms."})
+    pre_num: Optional[int] = field(default=None, metadata={"help": "ResLoRA: number of previous layers p on the residual path."})
+
+
+@dataclass
+class RecipeTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the global batch, from which gradient accumulation is derived."""
+
+    global_batch_size: int = field(default=0, metadata={"help": "Examples per optimizer step over all processes; gradient accumulation = global / (per-device batch x processes). 0: use --gradient_accumulation_steps as given."})
+
+
+class RecipeArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are one line (no usage dump) and which reads `--config <yaml>`.
+
+    The YAML has one mapping per section (e.g. `model:`, `adapter:`, `data:`, `training:`), each holding fields
+    of that section's dataclass. Precedence: command line > YAML > the recipe's defaults > dataclass defaults.
+    """
+
+    def __init__(self, sections: dict[str, type], **kwargs: Any) -> None:
+        super().__init__(list(sections.values()), **kwargs)
+        self.sections = sections
+        self.add_argument("--config", default=None, help="YAML file with sections " + ", ".join(sections) + "; command-line flags override it.")
+
+    def error(self, message: str) -> None:  # argparse's own errors (unknown flag, bad type)
+        raise RecipeError(f"{message} (see --help)")
+
+    def load_yaml(self, path: str) -> dict[str, Any]:
+        if not os.path.isfile(path):
+            raise RecipeError(f"--config {path} does not exist; pass a YAML file such as recipes/configs/alpaca_imlor2c.yaml.")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise RecipeError(f"--config {path} is not valid YAML: {one_line(err)}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"--config {path} must be a mapping of sections {list(self.sections)}.")
+        values: dict[str, Any] = {}
+        for section, entries in data.items():
+            if section not in self.sections:
+                raise RecipeError(f"--config {path}: unknown section {section!r}; expected sections {list(self.sections)}.")
+            known = {f.name for f in dataclasses.fields(self.sections[section]) if f.init}
+            for key, value in (entries or {}).items():
+                if key not in known:
+                    raise RecipeError(f"--config {path}: {key!r} is not a field of section {section!r} ({self.sections[section].__name__}).")
+                values[key] = value
+        return values
+
+    def parse(self, argv: Optional[Sequence[str]] = None, defaults: Optional[dict[str, Any]] = None,
+              prepare: Optional[Callable[[Any], None]] = None) -> tuple:
+        """Parse into one instance per section, in section order.
+
+        `defaults` are the recipe's own defaults (shown by --help); `prepare(namespace)` may derive values
+        before the dataclasses are built (e.g. gradient accumulation, which DeepSpeed reads at construction).
+        """
+        argv = list(sys.argv[1:] if argv is None else argv)
+        given = dict(defaults or {})
+        config_path = self._config_path(argv)
+        if config_path:
+            given.update(self.load_yaml(config_path))
+        self.set_defaults(**given)
+        for action in self._actions:  # a field with a recipe or YAML default is no longer required
+            if action.dest in given:
+                action.required = False
+        namespace, remaining = self.parse_known_args(argv)
+        if remaining:
+            raise RecipeError(f"unrecognized arguments: {' '.join(remaining)} (see --help)")
+        if prepare is not None:
+            prepare(namespace)
+        outputs = []
+        for section, dtype in self.sections.items():
+            keys = {f.name for f in dataclasses.fields(dtype) if f.init}
+            try:
+                outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in keys}))
+            except (ValueError, TypeError) as err:
+                raise RecipeError(f"invalid {section} arguments: {one_line(err)}") from None
+        return tuple(outputs)
+
+    @staticmethod
+    def _config_path(argv: list[str]) -> Optional[str]:
+        for i, arg in enumerate(argv):
+            if arg == "--config" and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith("--config="):
+                return arg.split("=", 1)[1]
+        return None
+
+
+def world_size_from_env() -> int:
+    """Number of processes the launcher started (accelerate, torchrun and deepspeed all set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def derive_gradient_accumulation(namespace: Any, world_size: Optional[int] = None) -> None:
+    """Set `gradient_accumulation_steps` so that per-device batch x accumulation x processes = global batch."""
+    world = world_size or world_size_from_env()
+    per_device, wanted = namespace.per_device_train_batch_size, namespace.global_batch_size
+    if per_device is None or per_device < 1:
+        raise RecipeError(f"--per_device_train_batch_size {per_device} must be a positive integer.")
+    if not wanted:
+        return
+    step = per_device * world
+    if wanted < 1 or wanted % step:
+        raise RecipeError(f"--global_batch_size {wanted} is not a multiple of --per_device_train_batch_size {per_device} "
+                          f"x {world} process(es) = {step}; pick sizes with global = per-device x accumulation x processes.")
+    accumulation = wanted // step
+    given = namespace.gradient_accumulation_steps
+    if given not in (1, accumulation):
+        raise RecipeError(f"--gradient_accumulation_steps {given} contradicts --global_batch_size {wanted} "
+                          f"(= {per_device} per device x {accumulation} x {world} process(es)); pass one of them, "
+                          "or --global_batch_size 0 to use the accumulation as given.")
+    namespace.gradient_accumulation_steps = accumulation
+
+
+def describe_batch(args: TrainingArguments) -> str:
+    p, a, w = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
+    return f"global batch {p * a * w} = {p} per device x {a} accumulation x {w} process(es)"
+
+
+def validate_adapter_arguments(adapter: AdapterArguments, training_args: Optional[TrainingArguments] = None) -> None:
+    """The method exists here, and its structure events can run under the chosen parallelism."""
+    methods = available_methods()
+    if adapter.method not in methods:
+        hint = "; reslora needs the ResLoRA implementation in lor2c_hf" if adapter.method == "reslora" else ""
+        raise RecipeError(f"--method {adapter.method!r} is unknown: expected one of {', '.join(methods)}{hint}.")
+    fsdp = bool(training_args is not None and training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp and adapter.method in MERGE_METHODS + INJECT_METHODS:
+        raise RecipeError(f"--method {adapter.method} scores the whole adapter at each merge/inject, which FSDP shards; "
+                          "use DDP (accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO (deepspeed_zero*.yaml) instead.")
+
+
+# --- models --------------------------------------------------------------------------------------------------
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id (`owner/name` has exactly one slash and no file extension)."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or os.path.splitext(name)[1].lower() in DATA_FILE_BUILDERS)
+
+
+def check_source(name: str, flag: str, what: str) -> str:
+    """The local path (expanded) or Hub id to load from; a path-like name that does not exist is an error."""
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        return expanded
+    if looks_like_path(name):
+        raise RecipeError(f"{flag} {name}: no such file or folder; pass {what}.")
+    return name
+
+
+MODEL_HINT = "a folder saved with save_pretrained (config.json + weights) or a Hub id you can reach"
+
+
+def hub_error(flag: str, name: str, err: BaseException, what: str) -> RecipeError:
+    return RecipeError(f"{flag} {name} could not be loaded: it is not a local path and the Hugging Face Hub could not "
+                       f"provide it ({one_line(err)[:300]}). Pass {what}.")
+
+
+def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments) -> torch.dtype:
+    if model_args.torch_dtype is not None:
+        if model_args.torch_dtype not in DTYPES:
+            raise RecipeError(f"--torch_dtype {model_args.torch_dtype!r} is not one of {', '.join(DTYPES)}.")
+        return DTYPES[model_args.torch_dtype]
+    precision = getattr(training_args, "mixed_precision", "no")
+    if training_args.bf16 or precision == "bf16":
+        return torch.bfloat16
+    if training_args.fp16 or precision == "fp16":
+        return torch.float16
+    return torch.float32
+
+
+def quantization_config(model_args: ModelArguments):
+    """A `BitsAndBytesConfig` for --load_in_4bit / --load_in_8bit (bitsandbytes imported only then), else None."""
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise RecipeError("--load_in_4bit and --load_in_8bit exclude each other; pass one.")
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(f"{flag} needs bitsandbytes and a CUDA GPU: pip install 'lor2c-hf[bnb]' on a GPU machine "
+                          "(bitsandbytes has no CPU build), or drop the flag.")
+    if not torch.cuda.is_available():
+        raise RecipeError(f"{flag} needs a CUDA GPU and none is visible; drop the flag to train in full precision.")
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def check_model_arguments(model_args: ModelArguments) -> None:
+    """Errors that need no loading: conflicting flags, missing bitsandbytes/GPU, a model path that is not there."""
+    quantization_config(model_args)
+    check_source(model_args.model_name_or_path, "--model_name_or_path", MODEL_HINT)
+    if model_args.tokenizer_name_or_path:
+        check_source(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path", "a tokenizer folder or Hub id")
+
+
+def load_tokenizer(model_args: ModelArguments, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
+    source = check_source(name, flag, MODEL_HINT)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        if os.path.exists(source):
+            raise RecipeError(f"{flag} {name} has no usable tokenizer ({one_line(err)[:300]}); pass --tokenizer_name_or_path.") from None
+        raise hub_error(flag, name, err, MODEL_HINT) from None
+
+
+def load_model(model_args: ModelArguments, training_args: TrainingArguments, auto_class: Any, **kwargs: Any) -> PreTrainedModel:
+    """Load the base model (Hub id or folder) in the requested dtype, quantized and k-bit-prepared if asked."""
+    source = check_source(model_args.model_name_or_path, "--model_name_or_path", MODEL_HINT)
+    quantization = quantization_config(model_args)
+    load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(model_args, training_args), **kwargs}
+    if model_args.attn_implementation:
+        load_kwargs["attn_implementation"] = model_args.attn_implementation
+    if quantization is not None:
+        from accelerate import PartialState
+
+        load_kwargs.update(quantization_config=quantization, device_map={"": PartialState().local_process_index},
+                           dtype=torch.bfloat16)
+    try:
+        model = auto_class.from_pretrained(source, **load_kwargs)
+    except (OSError, ValueError) as err:
+        if os.path.exists(source):
+            raise RecipeError(f"--model_name_or_path {source} is not a loadable model folder ({one_line(err)[:300]}); pass {MODEL_HINT}.") from None
+        raise hub_error("--model_name_or_path", model_args.model_name_or_path, err, MODEL_HINT) from None
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+    return model
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+DATA_HINT = "a json/jsonl/parquet/arrow/csv file, a folder written by Dataset.save_to_disk, or a Hub id you can reach"
+
+
+def load_data(name: str, flag: str = "--dataset_name", split: str = "train"):
+    """One split of a data set from a local file, a `save_to_disk` folder, a folder of data files or the Hub."""
+    import datasets
+    from datasets.exceptions import DatasetsError
+
+    source = check_source(name, flag, DATA_HINT)
+    try:
+        if os.path.isfile(source):
+            builder = DATA_FILE_BUILDERS.get(os.path.splitext(source)[1].lower())
+            if builder is None:
+                raise RecipeError(f"{flag} {name}: unsupported file type; pass {DATA_HINT}.")
+            loaded = datasets.load_dataset(builder, data_files=source, split="train")
+        elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, m)) for m in SAVE_TO_DISK_MARKERS):
+            loaded = datasets.load_from_disk(source)
+        else:
+            loaded = datasets.load_dataset(source)
+    except (OSError, ValueError, DatasetsError) as err:
+        if os.path.exists(source):
+            raise RecipeError(f"{flag} {name} could not be read ({one_line(err)[:300]}); pass {DATA_HINT}.") from None
+        raise hub_error(flag, name, err, DATA_HINT) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise RecipeError(f"{flag} {name} has splits {sorted(loaded)} but no {split!r} split.")
+        loaded = loaded[split]
+    return loaded
+
+
+def require_columns(dataset: Any, required: Sequence[str], flag: str, name: str, example: str) -> None:
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise RecipeError(f"{flag} {name} has columns {dataset.column_names} but lacks {missing}; "
+                          f"expected {list(required)}, as in {example}.")
+
+
+# --- adapters ------------------------------------------------------------------------------------------------
+
+
+def lor2c_config_from(adapter: AdapterArguments) -> LoR2CConfig:
+    """`LoR2CConfig.for_method(method)` with every argument that was set (M and N only where the method uses them)."""
+    names = ("r", "lora_alpha", "lora_dropout", "inject_r", "inject_alpha", "inject_dropout", "schedule",
+             "merge_criterion", "merge_keep")
+    overrides = {n: getattr(adapter, n) for n in names if getattr(adapter, n) is not None}
+    if adapter.method in MERGE_METHODS and adapter.num_merges is not None:
+        overrides["num_merges"] = adapter.num_merges
+    if adapter.method in INJECT_METHODS and adapter.num_injects is not None:
+        overrides["num_injects"] = adapter.num_injects
+    if adapter.method not in INJECT_METHODS:
+        overrides.pop("inject_r", None)
+    if adapter.target_modules:
+        overrides["inject_target_modules"] = adapter.target_modules
+    return LoR2CConfig.for_method(adapter.method, **overrides)
+
+
+def peft_lora_config(adapter: AdapterArguments, model: torch.nn.Module, task_type: str):
+    from peft import LoraConfig
+
+    return LoraConfig(r=adapter.r or 8, lora_alpha=adapter.lora_alpha or 16,
+                      lora_dropout=adapter.lora_dropout if adapter.lora_dropout is not None else 0.05,
+                      target_modules=adapter.target_modules or default_qv_targets(model), task_type=task_type)
+
+
+def reslora_config(adapter: AdapterArguments, model: torch.nn.Module):
+    """`lor2c_hf.ResLoRAConfig` from the arguments it has fields for (unset ones keep its defaults)."""
+    config_cls = lor2c_hf.ResLoRAConfig
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    values = {"r": adapter.r, "lora_alpha": adapter.lora_alpha, "lora_dropout": adapter.lora_dropout,
+              "target_modules": adapter.target_modules, "res_flag": adapter.res_flag, "pre_num": adapter.pre_num}
+    return config_cls(**{k: v for k, v in values.items() if v is not None and k in known})
+
+
+def wrap_model(model: torch.nn.Module, adapter: AdapterArguments, task_type: str = "CAUSAL_LM") -> tuple[torch.nn.Module, type]:
+    """(model with the method's adapter, Trainer class to train it): PEFT LoRA with `Trainer`, the others with
+    `LoR2CTrainer`. `task_type` is PEFT's ("CAUSAL_LM", "SEQ_CLS")."""
+    validate_adapter_arguments(adapter)
+    try:
+        if adapter.method == "lora":
+            from peft import get_peft_model
+
+            return get_peft_model(model, peft_lora_config(adapter, model, task_type)), Trainer
+        if adapter.method == "reslora":
+            return lor2c_hf.get_reslora_model(model, reslora_config(adapter, model)), LoR2CTrainer
+        return get_lor2c_model(model, lor2c_config_from(adapter)), LoR2CTrainer
+    except (lor2c_hf.ConfigError, ValueError) as err:
+        raise RecipeError(f"--method {adapter.method}: {one_line(err)}") from None
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The adapter model inside DDP / DeepSpeed / compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None or not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable state a run produces: LoR2C-family adapter tensors, or PEFT's adapter state dict."""
+    model = unwrap_model(model)
+    if hasattr(model, "adapter_state_dict"):
+        return model.adapter_state_dict()
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def adapter_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """Structure (spans, injected blocks, event kinds/blocks/steps) and a sha256 of every adapter tensor."""
+    state = adapter_state(model)
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    structure = getattr(unwrap_model(model), "structure", None)
+    if structure is not None:
+        structure = {"spans": structure["spans"], "injected": structure["injected"],
+                     "events": [(e["kind"], e.get("blocks"), e.get("step")) for e in structure["events"]]}
+    return {"structure": structure, "sha256": digest.hexdigest()}
+
+
+def check_ranks_agree(model: torch.nn.Module, args: TrainingArguments) -> dict[str, Any]:
+    """Print this rank's fingerprint; under several processes, fail unless every rank has the same one."""
+    mine = adapter_fingerprint(model)
+    print(f"[rank {args.process_index}/{args.world_size}] adapter sha256={mine['sha256']} "
+          f"structure={json.dumps(mine['structure'])}", flush=True)
+    import torch.distributed as dist
+
+    if args.world_size > 1 and dist.is_available() and dist.is_initialized():
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        differing = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
+        if differing:
+            raise RuntimeError(f"ranks {differing} ended with another adapter structure or weights than rank 0.")
+    return mine
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def main_print(args: TrainingArguments, *parts: Any) -> None:
+    if args.process_index == 0:
+        print(*parts, flush=True)
+
+
+def run_recipe(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None, prog: str = "") -> int:
+    """Run `main`; a `RecipeError` becomes one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except RecipeError as err:
+        print(f"{prog or os.path.basename(sys.argv[0])}: error: {one_line(err)}", file=sys.stderr, flush=True)
+        return 2
