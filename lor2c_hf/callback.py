@@ -12,21 +12,37 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .model import LoR2CModel
+from .serialization import AdapterIOMixin
 from .schedule import due_events, epoch_points, step_points
 
 logger = logging.getLogger("lor2c_hf")
 STRUCTURE_FILE = "lor2c_structure.json"
 
 
-def unwrap_lor2c(model: Any) -> LoR2CModel:
-    """The `LoR2CModel` inside a DDP / DeepSpeed / compiled wrapper."""
+def unwrap_adapter(model: Any, kind: type = AdapterIOMixin) -> Any:
+    """The adapter model of class `kind` (default: `LoR2CModel` or `ResLoRAModel`) inside a DDP / DeepSpeed /
+    compiled wrapper."""
     seen = model
-    while not isinstance(seen, LoR2CModel):
+    while not isinstance(seen, kind):
         inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
         if inner is None:
-            raise TypeError(f"LoR2CCallback needs a LoR2CModel; got {type(model).__name__}. Wrap it with get_lor2c_model().")
+            if kind is LoR2CModel:
+                raise TypeError(f"LoR2CCallback needs a LoR2CModel; got {type(model).__name__}. Wrap it with get_lor2c_model().")
+            raise TypeError(f"LoR2CTrainer needs a LoR2CModel or ResLoRAModel; got {type(model).__name__}. "
+                            "Wrap it with get_lor2c_model() or get_reslora_model().")
         seen = inner
     return seen
+
+
+def unwrap_lor2c(model: Any) -> LoR2CModel:
+    """The `LoR2CModel` inside a DDP / DeepSpeed / compiled wrapper."""
+    return unwrap_adapter(model, LoR2CModel)
+
+
+def _scheduled(model: Any) -> Optional[LoR2CModel]:
+    """The LoR2CModel whose events this callback runs; None for adapters without events (ResLoRA)."""
+    adapter = unwrap_adapter(model)
+    return adapter if isinstance(adapter, LoR2CModel) else None
 
 
 class LoR2CCallback(TrainerCallback):
@@ -42,7 +58,9 @@ class LoR2CCallback(TrainerCallback):
         self.inject_points: list[int] = []
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
-        lor2c = unwrap_lor2c(model)
+        lor2c = _scheduled(model)
+        if lor2c is None:
+            return
         c = lor2c.lor2c_config
         if c.schedule == "epochs":
             horizon, unit = state.num_train_epochs, "epoch"
@@ -59,13 +77,13 @@ class LoR2CCallback(TrainerCallback):
                                len(late), unit, horizon, late)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
-        lor2c = unwrap_lor2c(model)
-        if lor2c.lor2c_config.schedule == "steps":
+        lor2c = _scheduled(model)
+        if lor2c is not None and lor2c.lor2c_config.schedule == "steps":
             self._fire(lor2c, state, state.global_step)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
-        lor2c = unwrap_lor2c(model)
-        if lor2c.lor2c_config.schedule == "epochs":
+        lor2c = _scheduled(model)
+        if lor2c is not None and lor2c.lor2c_config.schedule == "epochs":
             # Completed epochs only: when max_steps stops training mid-epoch, that epoch has not ended.
             self._fire(lor2c, state, math.floor((state.epoch or 0) + 1e-6))
 
@@ -84,7 +102,7 @@ class LoR2CCallback(TrainerCallback):
                 })
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
-        if not state.is_world_process_zero:
+        if not state.is_world_process_zero or _scheduled(model) is None:
             return
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(checkpoint):

@@ -10,42 +10,49 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from transformers import Trainer
 from transformers.utils import can_return_loss, find_labels
 
-from .callback import LoR2CCallback, unwrap_lor2c
+from .callback import LoR2CCallback, unwrap_adapter
 from .config import LoR2CConfig
 from .model import LoR2CModel, get_lor2c_model
+from .reslora import ResLoRAModel, get_reslora_model
+from .reslora_config import ResLoRAConfig
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
 
-def _conflicting_fields(given: LoR2CConfig, actual: LoR2CConfig) -> list[str]:
+def _conflicting_fields(given: Any, actual: Any) -> list[str]:
     """Fields set in `given` that differ from `actual`; None means "detect", which wrapping filled in."""
     return [f.name for f in dataclasses.fields(given)
-            if getattr(given, f.name) is not None and getattr(given, f.name) != getattr(actual, f.name)]
+            if getattr(given, f.name) is not None and getattr(given, f.name) != getattr(actual, f.name, None)]
 
 
 class LoR2CTrainer(Trainer):
-    """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`)."""
+    """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`).
+
+    A `ResLoRAConfig` (or a `ResLoRAModel`) trains ResLoRA the same way; it has no structure events.
+    """
 
     def __init__(self, model: Optional[torch.nn.Module] = None, args: Any = None, *trainer_args: Any,
-                 lor2c_config: Optional[LoR2CConfig] = None, **trainer_kwargs: Any) -> None:
+                 lor2c_config: Optional[Union[LoR2CConfig, ResLoRAConfig]] = None, **trainer_kwargs: Any) -> None:
         if model is None:
             raise ValueError("LoR2CTrainer needs a model (a transformers model or a LoR2CModel); model_init is not supported.")
-        if isinstance(model, LoR2CModel):
-            conflicts = _conflicting_fields(lor2c_config, model.lor2c_config) if lor2c_config is not None else []
+        if isinstance(model, (LoR2CModel, ResLoRAModel)):
+            conflicts = _conflicting_fields(lor2c_config, model.adapter_config) if lor2c_config is not None else []
             if conflicts:
-                raise ValueError(f"lor2c_config differs from the config of the LoR2CModel passed as model in {conflicts}; "
-                                 "pass only one.")
+                raise ValueError(f"lor2c_config differs from the config of the {type(model).__name__} passed as model in "
+                                 f"{conflicts}; pass only one.")
+        elif isinstance(lor2c_config, ResLoRAConfig):
+            model = get_reslora_model(model, lor2c_config)
         else:
             model = get_lor2c_model(model, lor2c_config or LoR2CConfig())
         if args is not None and args.ddp_find_unused_parameters is None:
             # Slots that merges retire or injects have not yet activated receive no gradient.
-            args.ddp_find_unused_parameters = model.lor2c_config.has_events
+            args.ddp_find_unused_parameters = isinstance(model, LoR2CModel) and model.lor2c_config.has_events
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         base_class = model.get_base_model().__class__
         if self.args.label_names is None:
@@ -55,8 +62,9 @@ class LoR2CTrainer(Trainer):
         self.add_callback(self.lor2c_callback)
 
     @property
-    def lor2c_model(self) -> LoR2CModel:
-        return unwrap_lor2c(self.model)
+    def lor2c_model(self) -> Union[LoR2CModel, ResLoRAModel]:
+        """The adapter model being trained (a `LoR2CModel`, or a `ResLoRAModel`)."""
+        return unwrap_adapter(self.model)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -74,7 +82,7 @@ class LoR2CTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
-        unwrap_lor2c(model if model is not None else self.model).load_adapter(resume_from_checkpoint)
+        unwrap_adapter(model if model is not None else self.model).load_adapter(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         self.lor2c_model.load_adapter(self.state.best_model_checkpoint)

@@ -1,0 +1,59 @@
+"""`ResLoRAConfig`: the knobs of ResLoRA (arXiv 2402.18039; SPEC §9), in the style of `LoR2CConfig`.
+
+Defaults: `res_flag="ms"` with `pre_num=4` is the ResLoRA paper's NLU setting (SPEC §9). Rank, alpha and
+dropout default to this project's GLUE settings for LoRA-family adapters (r=8, alpha=16, dropout 0.1,
+SPEC §1), so ResLoRA compares with LoRA and LoR2C at the same rank; the ResLoRA paper's own NLU run used
+RoBERTa-large with r=4: pass `r=4` to reproduce it. Values that need the model (pre_num against depth,
+target modules) are checked by `get_reslora_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+from .config import AdapterConfigIO, _check
+
+RES_FLAGS = ("is", "bs", "ms")
+OWNER = "ResLoRAConfig"
+
+
+@dataclass
+class ResLoRAConfig(AdapterConfigIO):
+    """Configuration of a ResLoRA adapter: LoRA on q and v plus residual paths between consecutive layers."""
+
+    peft_type: ClassVar[str] = "RESLORA"
+
+    method: str = field(default="reslora", metadata={"help": "Name of the method this config describes: always 'reslora'."})
+    r: int = field(default=8, metadata={"help": "LoRA rank r of every target projection (A: r x in, B: out x r)."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: every LoRA term is multiplied by lora_alpha / r."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the input a LoRA A matrix reads."})
+    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Names (inside a block) of the projections that get LoRA; default: the query and value projections detected for the architecture."})
+    res_flag: str = field(default="ms", metadata={"help": "Residual path: 'is' = input shortcut (A reads x_l + x_{l-1}), 'bs' = block shortcut (sum of the B A of the pre_num previous layers), 'ms' = middle shortcut (B_l reads A_l x_l plus the A x of the pre_num previous layers)."})
+    pre_num: int = field(default=4, metadata={"help": "p: how many previous layers the 'bs' and 'ms' paths reach (0 = plain LoRA); 'is' always reads exactly one."})
+    blocks_path: Optional[str] = field(default=None, metadata={"help": "Dotted path of the transformer block ModuleList (e.g. 'model.layers'); detected when unset."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules trained and saved with the adapter (task heads); detected for classification models when unset."})
+    base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model this adapter belongs to (filled in when the adapter is created)."})
+
+    def __post_init__(self) -> None:
+        _check(self.method == "reslora", "method", self.method, "'reslora'", OWNER)
+        _check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer", OWNER)
+        _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a positive number", OWNER)
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)", OWNER)
+        _check(self.res_flag in RES_FLAGS, "res_flag", self.res_flag, f"one of {RES_FLAGS}", OWNER)
+        _check(isinstance(self.pre_num, int) and self.pre_num >= 0, "pre_num", self.pre_num, "an integer >= 0", OWNER)
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None:
+                setattr(self, name, list(value))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @property
+    def reach(self) -> int:
+        """How many previous layers one layer's residual path reads: 1 for 'is', pre_num for 'bs'/'ms'."""
+        return 1 if self.res_flag == "is" else self.pre_num
