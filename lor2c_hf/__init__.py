@@ -2,7 +2,9 @@
 
 from .config import METHODS, ConfigError, LoR2CConfig
 from .model import Connection, LoR2CModel, get_lor2c_model
-from .serialization import AdapterLoadError
+from .serialization import AdapterLoadError, load_adapter_model
+from .reslora_config import RES_FLAGS, ResLoRAConfig
+from .reslora import ResLoRAModel, get_reslora_model
 from .callback import LoR2CCallback
 from .sfs import sfs_scores
 from .trainer import LoR2CTrainer
@@ -10,5 +12,6 @@ from .trainer import LoR2CTrainer
 __all__ = [
     "METHODS", "ConfigError", "LoR2CConfig", "Connection", "LoR2CModel", "get_lor2c_model",
     "AdapterLoadError", "sfs_scores", "LoR2CCallback", "LoR2CTrainer",
+    "RES_FLAGS", "ResLoRAConfig", "ResLoRAModel", "get_reslora_model", "load_adapter_model",
 ]
 __version__ = "0.1.0"
