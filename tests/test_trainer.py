@@ -158,7 +158,7 @@ def test_one_console_line_per_event(tmp_path, caplog):
     trainer.train()
     events = trainer.lor2c_model.structure["events"]
     assert event_steps(trainer.lor2c_model) == [("inject", 1), ("merge", 2), ("inject", 2)]  # M: 8/4; N: 8/8, 16/8
-    lines = [r.getMessage() for r in caplog.records if r.name == "lor2c_hf" and f"] step " in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lor2c_hf" and "] step " in r.getMessage()]
     assert len(lines) == len(events)
     for line, event in zip(lines, events):
         assert "\n" not in line
