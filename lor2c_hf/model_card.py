@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any, Optional
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def hub_base_id(name: Optional[str]) -> Optional[str]:
+    """`name` if it can be a Hub model id; None for unknown bases and local paths (the Hub rejects them as base_model)."""
+    if not name or os.path.exists(name) or not HUB_ID.match(name) or ".." in name or "--" in name:
+        return None
+    return name
+
+
+def usage_snippet(model: Any, base_id: Optional[str], repo_id: str) -> str:
+    """Python that rebuilds this adapter: the base's own class (task head included) and its number of labels."""
+    import transformers
+
+    cls = type(model.base_model).__name__
+    cls = cls if hasattr(transformers, cls) else "AutoModel"
+    num_labels = getattr(getattr(model.base_model, "config", None), "num_labels", None)
+    extra = f", num_labels={num_labels}" if cls.endswith("ForSequenceClassification") and num_labels else ""
+    source = json.dumps(base_id or "<path or Hub id of the base model>")
+    return (f"from transformers import {cls}\nfrom lor2c_hf import LoR2CModel\n\n"
+            f"base = {cls}.from_pretrained({source}{extra})\nmodel = LoR2CModel.from_pretrained(base, {json.dumps(repo_id)})")
 
 
 def model_card(model: Any, repo_id: str, metrics: Optional[dict[str, float]] = None) -> str:
     config = model.lor2c_config
+    base_id = hub_base_id(config.base_model_name_or_path)
     base = config.base_model_name_or_path or type(model.base_model).__name__
+    yaml_base = f"base_model: {base_id}\n" if base_id else ""
     trainable, total = model.get_nb_trainable_parameters()
     structure = model.structure
     events = "\n".join(
@@ -19,8 +45,7 @@ def model_card(model: Any, repo_id: str, metrics: Optional[dict[str, float]] = N
     metric_lines = "\n".join(f"- **{k}**: {v}" for k, v in (metrics or {}).items()) or "- (none recorded)"
     return f"""---
 library_name: lor2c-hf
-base_model: {base}
-tags:
+{yaml_base}tags:
 - lor2c
 - {config.method}
 - peft
@@ -50,10 +75,6 @@ A **{config.method}** adapter (LoR2C: low-rank residual connections between tran
 ## Usage
 
 ```python
-from transformers import AutoModel
-from lor2c_hf import LoR2CModel
-
-base = AutoModel.from_pretrained("{base}")
-model = LoR2CModel.from_pretrained(base, "{repo_id}")
+{usage_snippet(model, base_id, repo_id)}
 ```
 """
