@@ -1,0 +1,10 @@
+"""Test-wide settings: tiny models gain nothing from intra-op threads, and spinning threads slow a busy CI box."""
+
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))  # tests import tiny_models / tiny_pretrained / hub_server directly
