@@ -7,4 +7,5 @@ import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the recipe and example subprocesses
 sys.path.insert(0, os.path.dirname(__file__))  # tests import tiny_models / tiny_pretrained / hub_server directly
