@@ -26,22 +26,53 @@ def usage_snippet(model: Any, base_id: Optional[str], repo_id: str) -> str:
     num_labels = getattr(getattr(model.base_model, "config", None), "num_labels", None)
     extra = f", num_labels={num_labels}" if cls.endswith("ForSequenceClassification") and num_labels else ""
     source = json.dumps(base_id or "<path or Hub id of the base model>")
-    return (f"from transformers import {cls}\nfrom lor2c_hf import LoR2CModel\n\n"
-            f"base = {cls}.from_pretrained({source}{extra})\nmodel = LoR2CModel.from_pretrained(base, {json.dumps(repo_id)})")
+    wrapper = type(model).__name__  # LoR2CModel or ResLoRAModel
+    return (f"from transformers import {cls}\nfrom lor2c_hf import {wrapper}\n\n"
+            f"base = {cls}.from_pretrained({source}{extra})\nmodel = {wrapper}.from_pretrained(base, {json.dumps(repo_id)})")
 
 
-def model_card(model: Any, repo_id: str, metrics: Optional[dict[str, float]] = None) -> str:
-    config = model.lor2c_config
-    base_id = hub_base_id(config.base_model_name_or_path)
-    base = config.base_model_name_or_path or type(model.base_model).__name__
-    yaml_base = f"base_model: {base_id}\n" if base_id else ""
+def describe_adapter(model: Any, base: str) -> str:
+    """The card's description of the method, its settings, parameters and (for LoR2C) structure and events."""
+    config = model.adapter_config
     trainable, total = model.get_nb_trainable_parameters()
+    params = f"- Trainable parameters: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)"
+    if config.method == "reslora":
+        return f"""A **reslora** adapter (ResLoRA: LoRA with residual paths between the LoRA blocks of consecutive layers,
+merged into the weights for inference) for `{base}`, trained with [lor2c-hf](https://github.com/lor2c-hf/lor2c-hf).
+
+- Method: `reslora` (r={config.r}, alpha={config.lora_alpha}, res_flag={config.res_flag}, pre_num={config.pre_num},
+  target_modules={config.target_modules})
+{params}
+- `model.merge_and_unload()` folds it into the base weights (exact for `bs`; `is`/`ms` use running input norms)
+"""
     structure = model.structure
     events = "\n".join(
         f"| {e.get('step')} | {e['kind']} | {e.get('blocks')} | {', '.join(f'{x:.4f}' for x in e.get('scores', []))} "
         f"| {e.get('params_before', '')} -> {e.get('params_after', '')} |"
         for e in structure["events"]
     ) or "| - | - | - | - | - |"
+    return f"""A **{config.method}** adapter (LoR2C: low-rank residual connections between transformer blocks) for
+`{base}`, trained with [lor2c-hf](https://github.com/lor2c-hf/lor2c-hf).
+
+- Method: `{config.method}` (r={config.r}, alpha={config.lora_alpha}, share_a={config.share_a},
+  merges={config.num_merges}, injects={config.num_injects}, schedule={config.schedule})
+{params}
+- Spans (first block, last block): `{json.dumps(structure['spans'])}`
+- Blocks with injected LoRA: `{json.dumps(structure['injected'])}`
+
+## Structure events
+
+| step | kind | blocks | SFS scores | adapter params |
+|---|---|---|---|---|
+{events}
+"""
+
+
+def model_card(model: Any, repo_id: str, metrics: Optional[dict[str, float]] = None) -> str:
+    config = model.adapter_config
+    base_id = hub_base_id(config.base_model_name_or_path)
+    base = config.base_model_name_or_path or type(model.base_model).__name__
+    yaml_base = f"base_model: {base_id}\n" if base_id else ""
     metric_lines = "\n".join(f"- **{k}**: {v}" for k, v in (metrics or {}).items()) or "- (none recorded)"
     return f"""---
 library_name: lor2c-hf
@@ -53,21 +84,7 @@ library_name: lor2c-hf
 
 # {repo_id}
 
-A **{config.method}** adapter (LoR2C: low-rank residual connections between transformer blocks) for
-`{base}`, trained with [lor2c-hf](https://github.com/lor2c-hf/lor2c-hf).
-
-- Method: `{config.method}` (r={config.r}, alpha={config.lora_alpha}, share_a={config.share_a},
-  merges={config.num_merges}, injects={config.num_injects}, schedule={config.schedule})
-- Trainable parameters: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)
-- Spans (first block, last block): `{json.dumps(structure['spans'])}`
-- Blocks with injected LoRA: `{json.dumps(structure['injected'])}`
-
-## Structure events
-
-| step | kind | blocks | SFS scores | adapter params |
-|---|---|---|---|---|
-{events}
-
+{describe_adapter(model, base)}
 ## Metrics
 
 {metric_lines}
