@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from lor2c_hf import (AdapterLoadError, ConfigError, LoR2CConfig, LoR2CModel, LoR2CTrainer, ResLoRAConfig,
                       ResLoRAModel, get_lor2c_model, get_reslora_model, load_adapter_model)
+from test_hub import hub  # noqa: F401  (the local Hub stand-in fixture)
 from tiny_models import VOCAB, random_ids, tiny_model
 
 L = 4  # blocks of every tiny model here
@@ -550,3 +551,27 @@ def test_lor2c_trainer_trains_reslora(tmp_path):
     # An already wrapped model goes through unchanged, with its config or none.
     again = LoR2CTrainer(model, args, train_dataset=data, lor2c_config=model.reslora_config)
     assert again.lor2c_model is model
+
+
+def test_push_to_hub_and_load_by_repo_id(hub, tmp_path):
+    """Over real HTTP to the local Hub stand-in (fixture from test_hub.py): the card and the weights round-trip."""
+    from huggingface_hub import hf_hub_download
+
+    from test_hub import _front_matter
+
+    base = tiny_model("bert", num_layers=L, head="cls")
+    fresh = copy.deepcopy(base)
+    model = get_reslora_model(base, _config("is"))
+    model.train()(input_ids=random_ids())
+    _randomize(model)
+    model.eval()
+    model.push_to_hub("user/tiny-reslora", token=hub.token, metrics={"eval_accuracy": 0.75})
+    card = open(hf_hub_download("user/tiny-reslora", "README.md"), encoding="utf-8").read()
+    assert "reslora" in _front_matter(card)["tags"]
+    assert "res_flag=is" in card and "ResLoRAModel.from_pretrained(base, \"user/tiny-reslora\")" in card
+    assert f"{model.get_nb_trainable_parameters()[0]:,d}" in card and "eval_accuracy" in card
+    loaded = load_adapter_model(fresh, "user/tiny-reslora")
+    ids = random_ids(seed=6)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert torch.equal(loaded.reslora.input_norm, model.reslora.input_norm)
