@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, set_seed
 
 from common import (
     AdapterArguments, ModelArguments, RecipeArgumentParser, RecipeError, RecipeTrainingArguments, check_model_arguments,
-    check_ranks_agree, derive_gradient_accumulation, describe_batch, load_data, load_model, load_tokenizer, main_print,
-    perplexity, require_columns, run_recipe, unwrap_model, validate_adapter_arguments, world_size_from_env, wrap_model,
+    check_ranks_agree, describe_batch, load_data, load_model, load_tokenizer, main_print, perplexity,
+    prepare_training_namespace, require_columns, run_recipe, unwrap_model, validate_adapter_arguments,
+    world_size_from_env, wrap_model,
 )
 
 # The Stanford Alpaca template (as used by alpaca-lora and the paper).
@@ -143,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     push: dict[str, Any] = {}
 
     def prepare(namespace: Any) -> None:
-        derive_gradient_accumulation(namespace)
+        prepare_training_namespace(namespace)
         if namespace.output_dir is None:
             namespace.output_dir = os.path.join("out", f"alpaca-{namespace.method}")
         if namespace.val_set_size == 0:

@@ -191,6 +191,14 @@ def derive_gradient_accumulation(namespace: Any, world_size: Optional[int] = Non
     namespace.gradient_accumulation_steps = accumulation
 
 
+def prepare_training_namespace(namespace: Any) -> None:
+    """Derive what `TrainingArguments` must see at construction: the accumulation for the global batch, and
+    CPU processes (gloo) when a launcher started several processes on a machine without CUDA."""
+    derive_gradient_accumulation(namespace)
+    if world_size_from_env() > 1 and not torch.cuda.is_available():
+        namespace.use_cpu = True
+
+
 def describe_batch(args: TrainingArguments) -> str:
     p, a, w = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
     return f"global batch {p * a * w} = {p} per device x {a} accumulation x {w} process(es)"
@@ -433,9 +441,8 @@ def adapter_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
         digest.update(name.encode())
         digest.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
     structure = getattr(unwrap_model(model), "structure", None)
-    if structure is not None:
-        structure = {"spans": structure["spans"], "injected": structure["injected"],
-                     "events": [(e["kind"], e.get("blocks"), e.get("step")) for e in structure["events"]]}
+    if structure is not None and "events" in structure:  # events carry rank-local float scores: keep the decisions
+        structure = {**structure, "events": [(e["kind"], e.get("blocks"), e.get("step")) for e in structure["events"]]}
     return {"structure": structure, "sha256": digest.hexdigest()}
 
 

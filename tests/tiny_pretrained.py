@@ -8,7 +8,9 @@ be run end to end (`--model_name_or_path <folder>`) with no Hub.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+import subprocess
+import sys
+from typing import Iterable, Optional, Sequence
 
 import torch
 import transformers as tf
@@ -17,6 +19,7 @@ from tokenizers.models import WordLevel
 from tokenizers.trainers import WordLevelTrainer
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<mask>")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_tokenizer(texts: Iterable[str], encoder: bool = False) -> tf.PreTrainedTokenizerFast:
@@ -70,3 +73,21 @@ def save_tiny_pretrained(directory: str, texts: Iterable[str], model_type: str =
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def offline_env(cache_dir: str, **extra: str) -> dict[str, str]:
+    """Environment for a recipe subprocess: no Hub, data set cache in `cache_dir`, one thread per process."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=os.path.join(cache_dir, "datasets"),
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="warning",
+               HF_DATASETS_DISABLE_PROGRESS_BARS="1", **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_cli(argv: Sequence[str], cwd: str, env: Optional[dict[str, str]] = None, launcher: Sequence[str] = (),
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python <argv>` (or `<launcher> <argv>`, e.g. accelerate launch) from the repo's `recipes/` paths."""
+    command = list(launcher) if launcher else [sys.executable]
+    return subprocess.run(command + list(argv), cwd=cwd, env=env or offline_env(cwd), capture_output=True, text=True,
+                          timeout=timeout)
