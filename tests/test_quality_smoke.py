@@ -1,0 +1,140 @@
+"""bench/quality.py and bench/grad_flow.py run end to end (--smoke, real CLI, real Trainer) on a tiny random
+RoBERTa saved to a folder and generated SST-2-style TSV files; their JSON and CSV have the documented shape and
+their numbers agree with independent computations from the same files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from tiny_pretrained import REPO, offline_env, save_tiny_pretrained
+
+NUM_BLOCKS, HIDDEN, RANK = 4, 32, 8  # the tiny model; HParams' default rank
+METHODS = ("lora", "lor2c", "sharelor2c", "imlor2c", "reslora")
+POSITIVE, NEGATIVE = "good great fun moving lovely".split(), "bad dull boring awful flat".split()
+FILLER = "the a movie film plot is was and".split()
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _sentences(n: int, rng: random.Random) -> list[tuple[str, int]]:
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    rng = random.Random(0)
+    data = root / "data"
+    data.mkdir()
+    for name, n in (("train.tsv", 80), ("dev.tsv", 40)):
+        # \r before the tab, as in the source copy of GLUE's SST-2 train.tsv: the reader must cope
+        lines = ["sentence\tlabel"] + [f"{s}\r\t{y}" for s, y in _sentences(n, rng)]
+        (data / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model = save_tiny_pretrained(str(root / "model"), POSITIVE + NEGATIVE + FILLER, model_type="roberta", head="cls",
+                                 num_layers=NUM_BLOCKS)
+    return root, str(data), model
+
+
+def _run(script: str, root, data: str, model: str, *extra: str) -> subprocess.CompletedProcess:
+    out = root / "out"
+    command = [sys.executable, os.path.join(REPO, "bench", script), "--smoke", "--model_dir", model,
+               "--data_dir", data, "--output_dir", str(out), "--threads", "1", *extra]
+    result = subprocess.run(command, cwd=REPO, env=offline_env(str(root)), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_quality_smoke_json(workspace):
+    root, data, model = workspace
+    result = _run("quality.py", root, data, model, "--seeds", "2")
+    payload = json.loads((root / "out" / "quality_smoke.json").read_text())
+    assert (root / "out" / "quality_smoke.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    ran = [m for m in METHODS if m not in payload["unavailable"]]
+    assert set(ran) >= {"lora", "lor2c", "sharelor2c", "imlor2c"} and payload["smoke"] is True
+    assert [(r["seed"], r["method"]) for r in payload["runs"]] == [(s, m) for s in (0, 1) for m in ran]
+    max_steps = payload["hyperparameters"]["max_steps"]
+    for run in payload["runs"]:
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["steps"] == max_steps
+        assert run["trainable_params"] == run["adapter_params"] + HIDDEN * HIDDEN + HIDDEN + 2 * HIDDEN + 2  # RoBERTa head
+
+    by_method = {m: [r for r in payload["runs"] if r["method"] == m] for m in ran}
+    lora_params = 2 * NUM_BLOCKS * 2 * HIDDEN * RANK  # A and B on query and value, every block
+    assert by_method["lora"][0]["adapter_params"] == lora_params
+    assert by_method["lor2c"][0]["adapter_params"] == 2 * NUM_BLOCKS * HIDDEN * RANK == lora_params // 2
+    assert by_method["sharelor2c"][0]["adapter_params"] == (NUM_BLOCKS + 1) * HIDDEN * RANK
+    for run in by_method["imlor2c"]:  # each span one connection (2dr), each injected block LoRA r/2 on q, v (2dr)
+        assert {e["kind"] for e in run["events"]} == {"merge", "inject"} and run["injected"]
+        assert run["adapter_params"] == 2 * HIDDEN * RANK * (len(run["spans"]) + len(run["injected"]))
+    if "reslora" in ran:
+        assert by_method["reslora"][0]["adapter_params"] == lora_params
+
+    for method, runs in by_method.items():
+        summary = payload["summary"][method]
+        accs = [100 * r["accuracy"] for r in runs]
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1))
+        assert summary["n_seeds"] == 2
+        assert summary["accuracy_mean"] == pytest.approx(mean) and summary["accuracy_std"] == pytest.approx(std, abs=1e-9)
+        assert summary["params_vs_lora"] == pytest.approx(runs[0]["adapter_params"] / lora_params)
+    verdict = payload["verdict"]
+    gap = payload["summary"]["lor2c"]["accuracy_mean"] - payload["summary"]["lora"]["accuracy_mean"]
+    assert verdict["gap_points"] == pytest.approx(gap) and verdict["matches"] == (gap >= -verdict["tolerance_points"])
+    assert verdict["text"] in result.stdout and ("MATCHES" in verdict["text"]) == verdict["matches"]
+
+
+def test_grad_flow_smoke_csv_and_json(workspace):
+    root, data, model = workspace
+    result = _run("grad_flow.py", root, data, model)
+    with open(root / "out" / "grad_flow_smoke.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    payload = json.loads((root / "out" / "grad_flow_smoke.json").read_text())
+    assert (root / "out" / "grad_flow_smoke.png").read_bytes()[:8] == PNG_SIGNATURE
+    epochs = payload["epochs"]
+    assert epochs == 2 and payload["blocks"] == NUM_BLOCKS
+    assert sorted((int(r["epoch"]), int(r["block"])) for r in rows) == [(e, b) for e in (1, 2) for b in range(NUM_BLOCKS)]
+    for r in rows:
+        lor2c, lora, ratio = float(r["lor2c_mean_abs_grad"]), float(r["lora_mean_abs_grad"]), float(r["ratio"])
+        assert lor2c > 0 and lora > 0 and math.isfinite(ratio)
+        assert ratio == pytest.approx(lor2c / lora)
+        assert payload["ratio"][int(r["epoch"]) - 1][int(r["block"])] == pytest.approx(ratio)  # one seed: mean = itself
+    verdict = payload["verdict"]
+    assert isinstance(verdict["grows_toward_lower_blocks"], bool) and len(verdict["spearman_per_epoch"]) == epochs
+    assert verdict["text"] in result.stdout
+
+
+def _quality_module():
+    spec = importlib.util.spec_from_file_location("bench_quality", os.path.join(REPO, "bench", "quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_glue_tsv_reader_and_its_errors(tmp_path):
+    quality = _quality_module()
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\nit 's a charming , tab-free film \r\t1\nawful\t0\n", encoding="utf-8")
+    assert quality.read_glue_tsv(str(path)) == (["it 's a charming , tab-free film", "awful"], [1, 0])
+    path.write_text("text\tlabel\nx\t1\n", encoding="utf-8")
+    with pytest.raises(quality.BenchError, match="header.*sentence<TAB>label"):
+        quality.read_glue_tsv(str(path))
+    path.write_text("sentence\tlabel\nx\tpositive\n", encoding="utf-8")
+    with pytest.raises(quality.BenchError, match=r"train.tsv:2: label 'positive' is not an integer"):
+        quality.read_glue_tsv(str(path))
+    with pytest.raises(quality.BenchError, match="--data_dir.*does not exist"):
+        quality.read_glue_tsv(str(tmp_path / "missing" / "dev.tsv"))
