@@ -224,3 +224,33 @@ def test_hub_errors_are_clear_and_change_nothing(hub):
         _trained(base_name=None).push_to_hub(REPO)
     assert info.value.response.status_code == 401
     assert REPO not in hub.repos
+
+
+def test_trainer_push_to_hub_sends_only_the_adapter_and_our_card_with_eval_metrics(hub, tmp_path):
+    import datasets
+    from transformers import TrainingArguments
+
+    from lor2c_hf import LoR2CTrainer
+
+    _push_base(hub, tmp_path)
+    ids = random_ids(batch=16, seq=8, seed=3)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8, eval_strategy="steps",
+                             eval_steps=4, save_strategy="no", report_to=[], use_cpu=True, hub_model_id=REPO,
+                             hub_token=hub.token, push_to_hub=False)
+    trainer = LoR2CTrainer(_base(), args, train_dataset=data, eval_dataset=data,
+                           lor2c_config=LoR2CConfig.for_method("mergelor2c", num_merges=1, schedule="steps",
+                                                               base_model_name_or_path=BASE_REPO))
+    trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"]
+    trainer.push_to_hub(token=hub.token)
+
+    files = hub.files(REPO)
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert "model.safetensors" not in files and "pytorch_model.bin" not in files
+    card = files["README.md"].decode()
+    assert "library_name: lor2c-hf" in card and "mergelor2c" in card
+    assert f"**eval_loss**: {eval_loss}" in card
+    received = load_safetensors(files["adapter_model.safetensors"])
+    for key, value in trainer.lor2c_model.adapter_state_dict().items():
+        assert torch.equal(received[key], value), key
