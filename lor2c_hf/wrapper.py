@@ -41,6 +41,8 @@ class AdapterModelMixin:
     """
 
     base_model: nn.Module
+    # Trainable adapters are attached: lets `Trainer` fine-tune a quantized (4/8-bit) base, as it does for PEFT.
+    _hf_peft_config_loaded = True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
