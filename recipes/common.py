@@ -264,9 +264,9 @@ def quantization_config(model_args: ModelArguments):
         return None
     flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RecipeError(f"{flag} needs bitsandbytes and a CUDA GPU: pip install 'lor2c-hf[bnb]' on a GPU machine "
-                          "(bitsandbytes has no CPU build), or drop the flag.")
-    if not torch.cuda.is_available():
+        raise RecipeError(f"{flag} needs bitsandbytes and a CUDA GPU: pip install 'lor2c-hf[bnb]' on a GPU machine, "
+                          "or drop the flag.")
+    if not torch.cuda.is_available():  # bitsandbytes' CPU backend (0.50) fails in eval mode on double-quantized NF4
         raise RecipeError(f"{flag} needs a CUDA GPU and none is visible; drop the flag to train in full precision.")
     from transformers import BitsAndBytesConfig
 
@@ -305,11 +305,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, aut
     load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(model_args, training_args), **kwargs}
     if model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
-    if quantization is not None:
-        from accelerate import PartialState
-
-        load_kwargs.update(quantization_config=quantization, device_map={"": PartialState().local_process_index},
-                           dtype=torch.bfloat16)
+    if quantization is not None:  # each process holds its own quantized copy on its own device
+        load_kwargs.update(quantization_config=quantization, device_map={"": str(training_args.device)}, dtype=torch.bfloat16)
     try:
         model = auto_class.from_pretrained(source, **load_kwargs)
     except (OSError, ValueError) as err:
