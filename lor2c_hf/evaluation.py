@@ -35,6 +35,10 @@ class UnsafeCodeError(ValueError):
     """A task executes model-generated code and running it was not confirmed."""
 
 
+class TaskDataError(ValueError):
+    """lm-eval could not read a task's data (no network, a missing local file)."""
+
+
 def require_lm_eval():
     """The `lm_eval` package, or an error that says how to install it."""
     try:
@@ -245,7 +249,13 @@ def load_tasks(manager: Any, names: Sequence[str], shots: dict[str, Optional[int
     loaded: dict[str, Any] = {}
     for name in names:
         task_name = lm_eval_task_name(name)
-        result = manager.load([task_name])
+        try:
+            result = manager.load([task_name])
+        except OSError as err:  # ConnectionError offline, FileNotFoundError from a local YAML
+            raise TaskDataError(
+                f"--tasks {name}: lm-eval could not load the data of {task_name!r} ({type(err).__name__}: {err}). "
+                "With no internet, copy a Hugging Face data set cache and set HF_DATASETS_OFFLINE=1, or use a task "
+                "YAML on local files (recipes/tasks/README.md).") from err
         if task_name in result["groups"]:
             obj = result["groups"][task_name]
         elif task_name in result["tasks"]:

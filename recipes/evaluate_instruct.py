@@ -128,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shots = ev.parse_num_fewshot(args.num_fewshot, names)
         manager = ev.task_manager(names, args.include_path)
         loaded = ev.load_tasks(manager, names, shots, args.confirm_run_unsafe_code)
-    except (ValueError, FileNotFoundError, ImportError) as err:  # AdapterLoadError and UnsafeCodeError are ValueErrors
+    except (ValueError, ImportError) as err:  # AdapterLoadError, UnsafeCodeError and TaskDataError are ValueErrors
         raise RecipeError(one_line(err)) from None
 
     precision = SimpleNamespace(bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=False)
