@@ -124,7 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     device = None if quantized else pick_device(args.device)
     try:
-        kind = ev.adapter_kind(ev.read_adapter_config_dict(args.adapter), args.adapter)
+        adapter_config = ev.read_adapter_config_dict(args.adapter)
+        kind = ev.adapter_kind(adapter_config, args.adapter)
         shots = ev.parse_num_fewshot(args.num_fewshot, names)
         manager = ev.task_manager(names, args.include_path)
         loaded = ev.load_tasks(manager, names, shots, args.confirm_run_unsafe_code)
@@ -133,9 +134,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     precision = SimpleNamespace(bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=False)
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, precision, AutoModelForCausalLM)
-    if device is not None:
-        model.to(device)
+
+    def load_base() -> torch.nn.Module:
+        model = load_model(model_args, precision, AutoModelForCausalLM)
+        return model if device is None else model.to(device)
+
+    model = load_base()
     print(f"evaluate_instruct: {model_args.model_name_or_path} + {kind} adapter {args.adapter} on {names} "
           f"(shots {ev.effective_shots(loaded)}, limit {args.limit}, {resolve_dtype(model_args, precision)}, "
           f"{device or 'bitsandbytes placement'})", flush=True)
@@ -145,8 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         raise RecipeError(one_line(err)) from None
     runs = {"adapter": score(adapted, tokenizer, manager, loaded, args)}
-    if args.with_base:
-        runs["base"] = score(adapted.unload(), tokenizer, manager, loaded, args)  # the same weights, adapter hooks removed
+    if args.with_base:  # the same weights with the adapter removed, unless the adapter overwrote some (task heads)
+        base = load_base() if adapter_config.get("modules_to_save") else adapted.unload()
+        runs["base"] = score(base, tokenizer, manager, loaded, args)
     order = [r for r in ("base", "adapter") if r in runs]
 
     labels = {"base": f"base: {model_args.model_name_or_path}", "adapter": f"{kind}: {args.adapter}"}

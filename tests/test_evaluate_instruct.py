@@ -210,27 +210,33 @@ def test_without_base_there_is_one_row_and_shots_can_be_overridden(tiny, tmp_pat
 
 
 def test_peft_lora_adapter_is_scored_like_the_in_memory_model(tiny, tmp_path):
-    """A PEFT LoRA adapter (the baseline) goes through the same entry point; its scores match the PeftModel."""
+    """A PEFT LoRA adapter (the baseline) goes through the same entry point; its scores match the PeftModel. Its
+    saved lm_head replaces the base's, so the base row must come from the untouched base."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(3)
     base = tf.AutoModelForCausalLM.from_pretrained(tiny["base_dir"])
-    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
-    peft_model.save_pretrained(str(tmp_path / "peft"))
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, modules_to_save=["lm_head"])
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    peft_model.eval().save_pretrained(str(tmp_path / "peft"))
     out = str(tmp_path / "report")
     code = evaluate_instruct.main([
         "--base", tiny["base_dir"], "--adapter", str(tmp_path / "peft"), "--tasks", "tiny_mc", "--limit", "4",
-        "--include_path", TASKS, "--output_dir", out, "--bootstrap_iters", "0", "--device", "cpu", "--log_samples"])
+        "--include_path", TASKS, "--output_dir", out, "--bootstrap_iters", "0", "--device", "cpu", "--log_samples",
+        "--with_base"])
     assert code == 0
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         report = json.load(f)
     assert report["meta"]["adapter_kind"] == "peft:lora"
-    reference, acc, acc_norm = mc_reference(peft_model, tiny["tokenizer"], limit=4)
-    records = sorted(samples(out, "adapter", "tiny_mc"), key=lambda r: r["doc_id"])
-    for record, (_, lls) in zip(records, reference, strict=True):
-        assert [r[0] for r in record["filtered_resps"]] == pytest.approx(lls, abs=2e-4)
-    assert report["scores"]["adapter"]["tiny_mc"]["acc"] == pytest.approx(acc)
-    assert report["scores"]["adapter"]["tiny_mc"]["acc_norm"] == pytest.approx(acc_norm)
+    for row, model in (("adapter", peft_model), ("base", tiny["base"])):
+        reference, acc, acc_norm = mc_reference(model, tiny["tokenizer"], limit=4)
+        records = sorted(samples(out, row, "tiny_mc"), key=lambda r: r["doc_id"])
+        for record, (_, lls) in zip(records, reference, strict=True):
+            assert [r[0] for r in record["filtered_resps"]] == pytest.approx(lls, abs=2e-4)
+        assert report["scores"][row]["tiny_mc"]["acc"] == pytest.approx(acc)
+        assert report["scores"][row]["tiny_mc"]["acc_norm"] == pytest.approx(acc_norm)
 
 
 def test_humaneval_without_confirmation_is_refused_before_loading(tiny, tmp_path, capsys):
