@@ -1,0 +1,79 @@
+"""Timing and reporting shared by the bench/ scripts: interleaved medians, environment, atomic JSON."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work so a timer measures it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def quartiles(values: list[float]) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": median, "q1": q1, "q3": q3}
+
+
+def interleaved_timing(runs: dict[str, Callable[[], None]], warmup: int, repeats: int, device: str) -> dict[str, dict]:
+    """Run every callable `warmup + repeats` times, one of each per round in a rotating order.
+
+    Returns wall-clock and process CPU-time quartiles per callable. On a shared CPU the CPU time (with one
+    thread) is the steadier measure of the work done; the wall clock is what a user waits.
+    """
+    names = list(runs)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # collect between calls, never inside a timed one
+    try:
+        for round_ in range(warmup + repeats):
+            k = round_ % len(names)
+            for name in names[k:] + names[:k]:
+                gc.collect()
+                synchronize(device)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                runs[name]()
+                synchronize(device)
+                if round_ >= warmup:
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {n: {"wall": quartiles(wall[n]), "cpu": quartiles(cpu[n]), "n": len(wall[n])} for n in names}
+
+
+def write_json(result: dict, path: str) -> None:
+    """Write `result` to `path` atomically (a partial file never replaces a previous result)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def environment(device: str) -> dict:
+    """Versions and machine facts to store beside the numbers (load average: how shared the machine was)."""
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    for package in ("transformers", "peft"):
+        try:
+            env[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env

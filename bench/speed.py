@@ -1,0 +1,414 @@
+"""Training-step time, activations saved for backward, and generation speed of LoR2C against PEFT LoRA.
+
+Every method wraps the same base weights (shared, frozen), trains on the same batch with the same dropout
+(0.05, the paper's LLaMA setting) and rank, and runs interleaved with the others in one process: each
+repeat runs one step of every method in a rotating order, and the median after warm-up is reported as a
+ratio to PEFT LoRA on q and v. Activations are counted by `torch.autograd.graph.saved_tensors_hooks` as the
+unique storage bytes of the tensors autograd saves, parameters and buffers excluded (plus the CUDA peak on
+a GPU). Generation is greedy with KV cache and a fixed number of new tokens.
+
+    python bench/speed.py                       # CPU, Llama shape d=512, 8 blocks, seq 128, batch 4, r=8
+    python bench/speed.py --device cuda         # random-init LLaMA2-7B shape, bf16, seq 256, batch 4, r=64
+
+Adding a method is one entry in `METHODS` (a label and a function that wraps a base model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional
+
+import torch
+import transformers as tf
+from torch import nn
+
+from bench_utils import environment, interleaved_timing, synchronize, write_json
+from lor2c_hf import LoR2CConfig, get_lor2c_model
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DROPOUT = 0.05  # the paper's LLaMA setting, used for LoR2C and LoRA alike
+REFERENCE = "peft_lora"
+TARGETS = {  # (method, metric): the most it may cost relative to PEFT LoRA (issue: speed and memory)
+    ("lor2c", "step_time"): 0.90,
+    ("lor2c", "saved_activations"): 0.90,
+}
+GENERATION_TARGET = 0.97  # LoR2C tokens/s at least this share of the base model's
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-shaped model and the batch it trains on."""
+
+    hidden: int
+    intermediate: int
+    blocks: int
+    heads: int
+    vocab: int
+    seq: int
+    batch: int
+    r: int
+    alpha: int
+    dtype: str
+
+    def llama_config(self) -> tf.LlamaConfig:
+        return tf.LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                              num_hidden_layers=self.blocks, num_attention_heads=self.heads,
+                              num_key_value_heads=self.heads, max_position_embeddings=max(4096, 2 * self.seq),
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+SHAPES = {
+    "cpu": Shape(hidden=512, intermediate=1376, blocks=8, heads=8, vocab=32000, seq=128, batch=4, r=8, alpha=16,
+                 dtype="float32"),
+    "cuda": Shape(hidden=4096, intermediate=11008, blocks=32, heads=32, vocab=32000, seq=256, batch=4, r=64, alpha=32,
+                  dtype="bfloat16"),  # LLaMA2-7B; batch = recipes/alpaca.py's per-device batch
+    "smoke": Shape(hidden=32, intermediate=64, blocks=4, heads=4, vocab=128, seq=16, batch=2, r=4, alpha=8,
+                   dtype="float32"),
+}
+
+
+# --- methods -------------------------------------------------------------------------------------------------
+
+def peft_lora(model: nn.Module, shape: Shape) -> nn.Module:
+    """The peer: PEFT's LoRA on the query and value projections, same rank and dropout."""
+    import peft
+
+    config = peft.LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=DROPOUT,
+                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def lor2c(method: str, **overrides) -> Callable[[nn.Module, Shape], nn.Module]:
+    def build(model: nn.Module, shape: Shape) -> nn.Module:
+        config = LoR2CConfig.for_method(method, r=shape.r, lora_alpha=shape.alpha, lora_dropout=DROPOUT, **overrides)
+        return get_lor2c_model(model, config)
+
+    return build
+
+
+def imlor2c_after_events(model: nn.Module, shape: Shape) -> nn.Module:
+    """IMLoR2C with M = N = blocks/4, its events applied (on random B, so SFS makes real choices)."""
+    events = max(1, shape.blocks // 4)
+    wrapped = lor2c("imlor2c", num_merges=events, num_injects=events)(model, shape)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for b in wrapped.lor2c.lora_B:
+            b.copy_(torch.randn(b.shape, generator=generator) * 0.02)
+    for _ in range(events):
+        wrapped.apply_merge()
+    for _ in range(events):
+        wrapped.apply_inject()
+    return wrapped
+
+
+def frozen_base(model: nn.Module, shape: Shape) -> nn.Module:
+    """No adapter: forward and backward down to the embeddings' output (the floor of any adapter's step)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    build: Callable[[nn.Module, Shape], nn.Module]
+
+
+METHODS: dict[str, Method] = {
+    "peft_lora": Method("PEFT LoRA (q,v)", peft_lora),
+    "lor2c": Method("LoR2C", lor2c("lor2c")),
+    "sharelor2c": Method("ShareLoR2C", lor2c("sharelor2c")),
+    "imlor2c": Method("IMLoR2C after events (M=N=L/4)", imlor2c_after_events),
+    "base": Method("frozen base, no adapter (floor)", frozen_base),
+    # One line each once lor2c_hf has them, e.g.:
+    # "our_lora": Method("our LoRA (q,v)", our_lora),
+    # "reslora": Method("ResLoRA (ms, p=4)", reslora("ms")),
+}
+
+
+# --- measurement ------------------------------------------------------------------------------------------
+
+def build_base(shape: Shape, device: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = shape.llama_config()
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(config)
+    return model.to(shape.torch_dtype).eval()
+
+
+def sharing_copy(base: nn.Module) -> nn.Module:
+    """A copy of `base` with its own modules (adapters may hook or replace them) but the same weight tensors."""
+    memo = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    return copy.deepcopy(base, memo)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class Trainee:
+    """One method's model and optimizer, and its training step (forward, backward, AdamW step, zero_grad)."""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        self.name, self.model = name, model.train()
+        self.params = trainable(model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+
+    def step(self, input_ids: torch.Tensor) -> None:
+        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def active_parameters(trainee: Trainee) -> int:
+    """Parameters the current structure trains (IMLoR2C allocates every slot up front but reads fewer)."""
+    count = getattr(trainee.model, "num_adapter_parameters", None)
+    return count() if count else sum(p.numel() for p in trainee.params)
+
+
+def parameter_storages(model: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+
+def saved_activation_bytes(trainee: Trainee, input_ids: torch.Tensor) -> int:
+    """Unique storage bytes of the tensors autograd saves for backward in one forward (no parameters, buffers)."""
+    excluded = parameter_storages(trainee.model)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded and storage.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainee.model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    if trainee.optimizer is not None:
+        trainee.optimizer.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def step_flops(trainee: Trainee, input_ids: torch.Tensor) -> int:
+    """FLOPs of one forward and backward as counted by `FlopCounterMode` (matmuls; CPU attention is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainee.model(input_ids=input_ids, labels=input_ids).loss.backward()
+    if trainee.optimizer is not None:
+        trainee.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def cuda_step_peak_bytes(trainee: Trainee, input_ids: torch.Tensor) -> int:
+    """Peak CUDA memory allocated during one training step above what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    trainee.step(input_ids)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+# --- generation ------------------------------------------------------------------------------------------
+
+def generation_models(base: nn.Module, shape: Shape) -> dict[str, nn.Module]:
+    """Base, LoR2C (hooks; random B so the connections compute), PEFT LoRA merged into its own weight copy."""
+    lor2c_model = lor2c("lor2c")(sharing_copy(base), shape)
+    with torch.no_grad():
+        for b in lor2c_model.lor2c.lora_B:
+            b.normal_(0, 0.02)
+    lora = peft_lora(copy.deepcopy(base), shape)  # merging writes into the weights: give it its own
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return {"base": base, "lor2c": lor2c_model.eval(), "peft_lora_merged": lora.merge_and_unload().eval()}
+
+
+def generate_runner(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+        assert out.shape[1] == prompt.shape[1] + new_tokens
+
+    return run
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+def ratio(value: float, reference: float) -> Optional[float]:
+    return value / reference if reference else None
+
+
+def target_checks(rows: dict[str, dict], generation: Optional[dict]) -> list[dict]:
+    checks = []
+    for (method, metric), limit in TARGETS.items():
+        if method in rows and f"{metric}_ratio" in rows[method]:
+            value = rows[method][f"{metric}_ratio"]
+            checks.append({"what": f"{method} {metric} / {REFERENCE}", "value": value, "target": f"<= {limit}",
+                           "met": value <= limit, "miss_by": max(0.0, value - limit)})
+    if "imlor2c" in rows and "lor2c" in rows:
+        value = rows["imlor2c"]["step_time_s"] / rows["lor2c"]["step_time_s"]
+        checks.append({"what": "imlor2c step_time / lor2c", "value": value, "target": "<= 1.0",
+                       "met": value <= 1.0, "miss_by": max(0.0, value - 1.0)})
+    if generation and "lor2c" in generation["rows"]:
+        value = generation["rows"]["lor2c"]["tokens_per_s_ratio_to_base"]
+        checks.append({"what": "lor2c generation tokens/s / base", "value": value, "target": f">= {GENERATION_TARGET}",
+                       "met": value >= GENERATION_TARGET, "miss_by": max(0.0, GENERATION_TARGET - value)})
+    return checks
+
+
+def print_report(result: dict) -> None:
+    print(f"\nTraining step ({result['device']}, {result['shape']}); ratios to {METHODS[REFERENCE].label}")
+    header = (f"{'method':32s} {'step ms':>8s} {'IQR ms':>13s} {'x LoRA':>7s} {'cpu ms':>8s} {'x LoRA':>7s} "
+              f"{'saved MiB':>9s} {'x LoRA':>7s} {'GFLOP':>7s} {'x LoRA':>7s} {'trainable':>10s}")
+    extra = "cuda_peak_step_bytes" in next(iter(result["rows"].values()))
+    print(header + (f" {'peak MiB':>9s} {'x LoRA':>7s}" if extra else ""))
+    for name, row in result["rows"].items():
+        line = (f"{METHODS[name].label:32s} {1e3 * row['step_time_s']:8.1f} "
+                f"{1e3 * row['step_time_q1_s']:6.1f}-{1e3 * row['step_time_q3_s']:<6.1f} {row['step_time_ratio']:7.3f} "
+                f"{1e3 * row['step_cpu_time_s']:8.1f} {row['step_cpu_time_ratio']:7.3f} "
+                f"{row['saved_activations_bytes'] / 2**20:9.1f} {row['saved_activations_ratio']:7.3f} "
+                f"{row['step_flops'] / 1e9:7.1f} {row['step_flops_ratio']:7.3f} {row['trainable_parameters']:10,d}")
+        if extra:
+            line += f" {row['cuda_peak_step_bytes'] / 2**20:9.1f} {row['cuda_peak_step_ratio']:7.3f}"
+        print(line)
+    for name, row in result["rows"].items():
+        if "structure" in row:
+            print(f"  {name} structure: spans {row['structure']['spans']}, LoRA-injected blocks {row['structure']['injected']}")
+    print("  GFLOP: forward + backward as counted by torch.utils.flop_counter (matmuls; CPU attention kernels are "
+          "not counted, dropout's RNG is not a FLOP)")
+    gen = result.get("generation")
+    if gen:
+        print(f"\nGeneration (greedy, KV cache, batch {gen['batch']}, prompt {gen['prompt_tokens']}, "
+              f"{gen['new_tokens']} new tokens); ratios to the base model")
+        print(f"{'model':22s} {'tokens/s':>10s} {'x base':>7s} {'cpu s':>8s} {'x base':>7s}")
+        for name, row in gen["rows"].items():
+            print(f"{name:22s} {row['tokens_per_s']:10.1f} {row['tokens_per_s_ratio_to_base']:7.3f} "
+                  f"{row['cpu_seconds']:8.3f} {row['cpu_time_ratio_to_base']:7.3f}")
+    print("\nTargets")
+    for c in result["targets"]:
+        verdict = "met" if c["met"] else f"MISSED by {c['miss_by']:.3f}"
+        print(f"  {c['what']:42s} {c['value']:.3f} (target {c['target']}): {verdict}")
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--smoke", action="store_true", help="a tiny model and few repeats (checks the script runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: Llama's 32000; the LM head "
+                   "and loss are a cost every method shares)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per generate() call (0: skip generation)")
+    p.add_argument("--gen-prompt", type=int, default=32)
+    p.add_argument("--gen-repeats", type=int, default=10)
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/speed_<device>.json)")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; known: {list(METHODS)}")
+    if REFERENCE not in args.methods:
+        p.error(f"--methods must include the reference {REFERENCE!r} (ratios are to it)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.smoke:
+        args.warmup, args.repeats, args.gen_tokens, args.gen_prompt, args.gen_repeats = 1, 2, 4, 4, 2
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = SHAPES["smoke" if args.smoke else args.device]
+    shape = replace(shape, batch=args.batch or shape.batch, seq=args.seq or shape.seq, vocab=args.vocab or shape.vocab)
+    device = args.device
+
+    base = build_base(shape, device)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
+    trainees = {}
+    for name in args.methods:
+        torch.manual_seed(1)  # each adapter's init (and so IMLoR2C's SFS decisions) independent of the others
+        trainees[name] = Trainee(name, METHODS[name].build(sharing_copy(base), shape))
+    print(f"[speed] {device}, {shape}, threads {torch.get_num_threads()}, methods {args.methods}", file=sys.stderr)
+
+    timing = interleaved_timing({n: (lambda t=t: t.step(input_ids)) for n, t in trainees.items()},
+                                 args.warmup, args.repeats, device)
+    rows: dict[str, dict] = {}
+    for name, t in trainees.items():
+        rows[name] = {
+            "label": METHODS[name].label,
+            "step_time_s": timing[name]["wall"]["median"], "step_time_q1_s": timing[name]["wall"]["q1"],
+            "step_time_q3_s": timing[name]["wall"]["q3"], "step_cpu_time_s": timing[name]["cpu"]["median"],
+            "steps_timed": timing[name]["n"],
+            "saved_activations_bytes": saved_activation_bytes(t, input_ids),
+            "step_flops": step_flops(t, input_ids),
+            "trainable_parameters": active_parameters(t),
+            "allocated_trainable_parameters": sum(p.numel() for p in t.params),
+        }
+        if hasattr(t.model, "structure"):
+            rows[name]["structure"] = {k: t.model.structure[k] for k in ("spans", "injected")}
+        if device == "cuda":
+            rows[name]["cuda_peak_step_bytes"] = cuda_step_peak_bytes(t, input_ids)
+    ref = rows[REFERENCE]
+    for row in rows.values():
+        for metric, key in (("step_time", "step_time_s"), ("step_cpu_time", "step_cpu_time_s"),
+                            ("saved_activations", "saved_activations_bytes"), ("step_flops", "step_flops"),
+                            ("cuda_peak_step", "cuda_peak_step_bytes")):
+            if key in row:
+                row[f"{metric}_ratio"] = ratio(row[key], ref[key])
+    del trainees
+    gc.collect()
+
+    generation = None
+    if args.gen_tokens > 0:
+        prompt = torch.randint(3, shape.vocab, (1, args.gen_prompt), generator=generator).to(device)
+        models = generation_models(base, shape)
+        gen_timing = interleaved_timing({n: generate_runner(m, prompt, args.gen_tokens) for n, m in models.items()},
+                                        1, args.gen_repeats, device)
+        gen_rows = {n: {"seconds": t["wall"]["median"], "tokens_per_s": args.gen_tokens / t["wall"]["median"],
+                        "cpu_seconds": t["cpu"]["median"]} for n, t in gen_timing.items()}
+        for row in gen_rows.values():
+            row["tokens_per_s_ratio_to_base"] = row["tokens_per_s"] / gen_rows["base"]["tokens_per_s"]
+            row["cpu_time_ratio_to_base"] = row["cpu_seconds"] / gen_rows["base"]["cpu_seconds"]
+        generation = {"batch": 1, "prompt_tokens": args.gen_prompt, "new_tokens": args.gen_tokens,
+                      "repeats": args.gen_repeats, "rows": gen_rows}
+
+    result = {
+        "benchmark": "speed", "device": device, "smoke": args.smoke, "shape": asdict(shape), "dropout": DROPOUT,
+        "reference": REFERENCE, "warmup": args.warmup, "repeats": args.repeats, "environment": environment(device),
+        "rows": rows, "generation": generation,
+    }
+    result["targets"] = target_checks(rows, generation)
+    print_report(result)
+    out = args.out or os.path.join(RESULTS, f"speed_{device}.json")
+    write_json(result, out)
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
