@@ -22,10 +22,10 @@ def singular_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Singular values of `b @ a` for stacks a: (n, r, d) or (r, d), b: (n, d, r), descending, float32."""
     b = b.detach().float()
     a = a.detach().float()
-    if a.ndim == 2:
-        a = a.expand(b.shape[0], *a.shape)
-    _, r_b = torch.linalg.qr(b)  # (n, r, r)
-    _, r_a = torch.linalg.qr(a.transpose(-1, -2))  # (n, r, r)
+    r_b = torch.linalg.qr(b, mode="r").R  # (n, r, r); mode "r" skips forming Q, which is never used
+    r_a = torch.linalg.qr(a.transpose(-1, -2), mode="r").R  # (n, r, r), or (r, r) once for a shared A
+    if r_a.ndim == 2:
+        r_a = r_a.expand(b.shape[0], *r_a.shape)
     return torch.linalg.svdvals(r_b @ r_a.transpose(-1, -2))
 
 
