@@ -76,11 +76,12 @@ def save_tiny_pretrained(directory: str, texts: Iterable[str], model_type: str =
 
 
 def offline_env(cache_dir: str, **extra: str) -> dict[str, str]:
-    """Environment for a recipe subprocess: no Hub, data set cache in `cache_dir`, one thread per process."""
+    """Environment for a recipe subprocess: no Hub, data set cache in `cache_dir`, one thread per process;
+    `extra` overrides any of these."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=os.path.join(cache_dir, "datasets"),
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="warning",
-               HF_DATASETS_DISABLE_PROGRESS_BARS="1", **extra)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": os.path.join(cache_dir, "datasets"),
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "warning",
+                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **extra})
     env.pop("WORLD_SIZE", None)
     return env
 
