@@ -29,7 +29,7 @@ from tiny_pretrained import REPO, offline_env, run_cli, save_tiny_pretrained
 
 sys.path.insert(0, os.path.join(REPO, "recipes"))
 import alpaca  # noqa: E402  (the recipe module, for its method list and fixed instructions)
-from common import RecipeError, available_methods, derive_gradient_accumulation, run_recipe  # noqa: E402
+from common import RecipeError, available_methods, derive_gradient_accumulation, load_data, run_recipe  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "recipes", "alpaca.py")
 SAMPLE = os.path.join(REPO, "tests", "data", "alpaca_seed_sample.jsonl")
@@ -231,6 +231,44 @@ def test_accumulation_is_derived_from_the_global_batch(per_device, world, accumu
     derive_gradient_accumulation(ns, world_size=world)
     assert ns.gradient_accumulation_steps == accumulation
     assert ns.per_device_train_batch_size * ns.gradient_accumulation_steps * world == 128
+
+
+def write_local_data(rows: list[dict], directory, fmt: str) -> str:
+    """`rows` in one of the local forms --dataset_name accepts."""
+    ds = datasets.Dataset.from_list(rows)
+    if fmt == "json":  # one JSON list, like Stanford Alpaca's alpaca_data.json
+        path = directory / "alpaca.json"
+        path.write_text(json.dumps(rows))
+    elif fmt in ("jsonl", "parquet", "csv"):
+        path = directory / f"alpaca.{fmt}"
+        {"jsonl": ds.to_json, "parquet": ds.to_parquet, "csv": ds.to_csv}[fmt](str(path))
+    elif fmt == "arrow":  # the Arrow file save_to_disk writes, on its own
+        ds.save_to_disk(str(directory / "disk"))
+        path = directory / "alpaca.arrow"
+        path.write_bytes(next((directory / "disk").glob("*.arrow")).read_bytes())
+    elif fmt == "save_to_disk":
+        path = directory / "saved"
+        datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(path))
+    else:  # a folder of data files, as on the Hub
+        path = directory / "folder"
+        path.mkdir()
+        ds.to_json(str(path / "train.jsonl"))
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet", "csv", "arrow", "save_to_disk", "folder"])
+def test_local_data_in_every_accepted_form_loads_the_same_rows(tmp_path, fmt):
+    rows = read_rows()
+    loaded = load_data(write_local_data(rows, tmp_path, fmt))
+    normalize = lambda r: {k: r[k] or "" for k in ("instruction", "input", "output")}  # CSV reads "" back as None
+    assert [normalize(r) for r in loaded] == [normalize(r) for r in rows]
+
+
+def test_a_save_to_disk_folder_without_a_train_split_is_a_clear_error(tmp_path):
+    path = tmp_path / "only-test"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(read_rows())}).save_to_disk(str(path))
+    with pytest.raises(RecipeError, match=r"has splits \['test'\] but no 'train' split"):
+        load_data(str(path))
 
 
 # --- bad input: one line, before training --------------------------------------------------------------------
