@@ -117,16 +117,29 @@ def test_grad_flow_smoke_csv_and_json(workspace):
     assert verdict["text"] in result.stdout
 
 
-def _quality_module():
-    spec = importlib.util.spec_from_file_location("bench_quality", os.path.join(REPO, "bench", "quality.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+def _bench_module(name: str):
+    """bench/<name>.py imported as the scripts import each other (bench/ on sys.path)."""
+    bench = os.path.join(REPO, "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+def test_grad_flow_verdict_reads_the_trend():
+    grad_flow = _bench_module("grad_flow")
+    epochs, blocks = 3, 6
+    falling = {(e, b): 10.0 - b + 0.1 * e for e in range(epochs) for b in range(blocks)}  # larger at lower blocks
+    result = grad_flow.verdict(falling, epochs, blocks)
+    assert result["grows_toward_lower_blocks"] and result["spearman_per_epoch"] == [pytest.approx(-1.0)] * epochs
+    assert "GROWS" in result["text"] and all(result["block0_above_top_per_epoch"])
+    rising = {key: 1.0 / value for key, value in falling.items()}
+    result = grad_flow.verdict(rising, epochs, blocks)
+    assert not result["grows_toward_lower_blocks"] and "does NOT grow" in result["text"]
+    assert result["spearman_mean"] == pytest.approx(1.0) and not any(result["block0_above_top_per_epoch"])
 
 
 def test_glue_tsv_reader_and_its_errors(tmp_path):
-    quality = _quality_module()
+    quality = _bench_module("quality")
     path = tmp_path / "train.tsv"
     path.write_text("sentence\tlabel\nit 's a charming , tab-free film \r\t1\nawful\t0\n", encoding="utf-8")
     assert quality.read_glue_tsv(str(path)) == (["it 's a charming , tab-free film", "awful"], [1, 0])
