@@ -36,7 +36,7 @@ class UnsafeCodeError(ValueError):
 
 
 class TaskDataError(ValueError):
-    """lm-eval could not read a task's data (no network, a missing local file)."""
+    """lm-eval could not load a task: its data or metric is out of reach (no network, a missing local file)."""
 
 
 def require_lm_eval():
@@ -220,8 +220,13 @@ def unsafe_task_names(manager: Any, name: str, _seen: Optional[set] = None) -> l
 
 
 def check_unsafe_code(manager: Any, names: Sequence[str], confirm_run_unsafe_code: bool) -> None:
-    """Refuse, before anything is loaded, tasks that run generated code unless the user confirmed it."""
+    """Refuse, before anything is loaded, tasks that run generated code unless the user confirmed it.
+
+    Once confirmed, `evaluate`'s code_eval metric (HumanEval's pass@k, run once when lm-eval imports the task's
+    module) is allowed too: it asks for HF_ALLOW_CODE_EVAL=1 on its own.
+    """
     if confirm_run_unsafe_code:
+        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")
         return
     for name in names:
         unsafe = unsafe_task_names(manager, lm_eval_task_name(name))
@@ -253,9 +258,10 @@ def load_tasks(manager: Any, names: Sequence[str], shots: dict[str, Optional[int
             result = manager.load([task_name])
         except OSError as err:  # ConnectionError offline, FileNotFoundError from a local YAML
             raise TaskDataError(
-                f"--tasks {name}: lm-eval could not load the data of {task_name!r} ({type(err).__name__}: {err}). "
-                "With no internet, copy a Hugging Face data set cache and set HF_DATASETS_OFFLINE=1, or use a task "
-                "YAML on local files (recipes/tasks/README.md).") from err
+                f"--tasks {name}: lm-eval could not load {task_name!r} ({type(err).__name__}: {err}). With no "
+                "internet, lm-eval needs the Hub data sets (and for HumanEval, the `evaluate` package's code_eval "
+                "metric) in the local Hugging Face cache with HF_DATASETS_OFFLINE=1, or a task YAML on local files "
+                "(recipes/tasks/README.md).") from err
         if task_name in result["groups"]:
             obj = result["groups"][task_name]
         elif task_name in result["tasks"]:
@@ -290,8 +296,6 @@ def run_lm_eval(lm: Any, manager: Any, loaded: dict[str, Any], limit: Optional[f
     The manager is passed on: without one, simple_evaluate indexes all of lm-eval's task configs again.
     """
     lm_eval = require_lm_eval()
-    if confirm_run_unsafe_code:
-        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # `evaluate`'s code_eval (HumanEval pass@k) asks again
     return lm_eval.simple_evaluate(model=lm, tasks=list(loaded.values()), task_manager=manager, num_fewshot=None,
                                    limit=limit, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
                                    confirm_run_unsafe_code=confirm_run_unsafe_code, **kwargs)
