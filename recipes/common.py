@@ -21,8 +21,9 @@ import yaml
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments
 
 import lor2c_hf
-from lor2c_hf import LoR2CConfig, LoR2CModel, LoR2CTrainer, get_lor2c_model
+from lor2c_hf import LoR2CConfig, LoR2CTrainer, get_lor2c_model
 from lor2c_hf.architectures import default_qv_targets
+from lor2c_hf.distributed import gathered
 
 LOR2C_METHODS = tuple(lor2c_hf.METHODS)
 MERGE_METHODS = ("mergelor2c", "imlor2c")
@@ -427,7 +428,8 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return model.adapter_state_dict()
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    with gathered([p for p in model.parameters() if p.requires_grad]):  # full values under ZeRO-3
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def adapter_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
@@ -446,8 +448,10 @@ def adapter_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
 def check_ranks_agree(model: torch.nn.Module, args: TrainingArguments) -> dict[str, Any]:
     """Print this rank's fingerprint; under several processes, fail unless every rank has the same one."""
     mine = adapter_fingerprint(model)
-    print(f"[rank {args.process_index}/{args.world_size}] adapter sha256={mine['sha256']} "
-          f"structure={json.dumps(mine['structure'])}", flush=True)
+    line = (f"[rank {args.process_index}/{args.world_size}] adapter sha256={mine['sha256']} "
+            f"structure={json.dumps(mine['structure'])}\n")
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line.encode())  # one write: lines of several ranks on one pipe never interleave
     import torch.distributed as dist
 
     if args.world_size > 1 and dist.is_available() and dist.is_initialized():
