@@ -59,7 +59,7 @@ class GlueMetric(evaluate.Metric):
         return evaluate.MetricInfo(
             description=_DESCRIPTION, citation=_CITATION, inputs_description=_INPUTS,
             features=datasets.Features({"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}),
-            reference_urls=["https://gluebenchmark.com/"], format="numpy",
+            reference_urls=["https://gluebenchmark.com/"],  # plain lists: the "numpy" format casts to float32
         )
 
     def _compute(self, predictions, references) -> dict[str, float]:
