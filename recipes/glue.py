@@ -373,8 +373,9 @@ def eval_data_source(data_args: GlueDataArguments, task: GlueTask) -> str:
 # --- main ----------------------------------------------------------------------------------------------------
 
 
-def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], prog: str) -> tuple:
-    """(model, adapter, data, training) arguments, checked before anything is loaded."""
+def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], prog: str,
+                    sections: Optional[dict[str, type]] = None) -> tuple:
+    """(model, adapter, data, training, *any further sections) arguments, checked before anything is loaded."""
 
     def prepare(namespace: Any) -> None:
         task = task_of(namespace.task_name)
@@ -386,8 +387,9 @@ def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], pro
         if namespace.eval_only:
             namespace.load_best_model_at_end = False
 
-    parser = RecipeArgumentParser(SECTIONS, prog=prog, description=__doc__.split("\n\n")[0])
-    model_args, adapter_args, data_args, training_args = parser.parse(argv, defaults=defaults, prepare=prepare)
+    parser = RecipeArgumentParser(sections or SECTIONS, prog=prog, description=__doc__.split("\n\n")[0])
+    parsed = parser.parse(argv, defaults=defaults, prepare=prepare)
+    model_args, adapter_args, data_args, training_args = parsed[:4]
     if data_args.eval_only and not data_args.adapter:
         raise RecipeError("--eval_only needs --adapter <folder> (an adapter saved by this recipe's --output_dir).")
     if data_args.adapter and not data_args.eval_only:
@@ -397,7 +399,7 @@ def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], pro
     if not data_args.eval_only:
         validate_adapter_arguments(adapter_args, training_args)
     check_model_arguments(model_args)
-    return model_args, adapter_args, data_args, training_args
+    return parsed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -425,6 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
+        trainer.save_state()  # trainer_state.json: every epoch's scores and the best checkpoint
         trainer.save_model(training_args.output_dir)  # the best checkpoint's adapter (load_best_model_at_end)
         metrics = trainer.evaluate()
         check_ranks_agree(trainer.model, training_args)
