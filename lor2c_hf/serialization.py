@@ -214,6 +214,9 @@ class AdapterIOMixin:
     def from_pretrained(cls, model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False,
                         **hub_kwargs: Any):
         """Wrap `model` with the adapter saved at `path_or_repo_id` (a directory or a Hub repo id)."""
+        if isinstance(model, AdapterIOMixin):
+            raise AdapterLoadError(f"The model already carries a {type(model).__name__} adapter: pass its base model "
+                                   "(model.get_base_model()), or call model.load_adapter(path) to replace its weights.")
         config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
         config = read_adapter_config(config_file, cls, path_or_repo_id)
         _, _, signature = read_adapter(weights_file)

@@ -371,3 +371,13 @@ def test_from_pretrained_is_trainable_trains_the_adapter_and_head_only(tmp_path)
     active += list(loaded.base_model.classifier.parameters())
     assert all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in active)
     assert all(p.grad is None for n, p in base_params.items() if not n.startswith("base_model.classifier."))
+
+
+def test_from_pretrained_refuses_a_model_that_already_has_an_adapter(tmp_path):
+    from lor2c_hf import AdapterLoadError, LoR2CConfig, LoR2CModel, get_lor2c_model
+    from tiny_models import tiny_model
+
+    wrapped = get_lor2c_model(tiny_model("llama", num_layers=2), LoR2CConfig(r=2))
+    wrapped.save_pretrained(tmp_path)
+    with pytest.raises(AdapterLoadError, match="already carries a LoR2CModel adapter"):
+        LoR2CModel.from_pretrained(wrapped, str(tmp_path))
