@@ -141,9 +141,14 @@ METHODS: dict[str, Method] = {
 def build_base(shape: Shape, device: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = shape.llama_config()
-    with torch.device(device):
-        model = tf.LlamaForCausalLM(config)
-    return model.to(shape.torch_dtype).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(shape.torch_dtype)  # build a 7B shape directly in bf16 on the GPU
+    try:
+        with torch.device(device):
+            model = tf.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.eval()
 
 
 def sharing_copy(base: nn.Module) -> nn.Module:
@@ -250,25 +255,24 @@ def generate_runner(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
 
 # --- report ------------------------------------------------------------------------------------------------
 
-def ratio(value: float, reference: float) -> Optional[float]:
-    return value / reference if reference else None
+def check(what: str, value: float, limit: float, at_most: bool = True) -> dict:
+    met = value <= limit if at_most else value >= limit
+    return {"what": what, "value": value, "target": f"{'<=' if at_most else '>='} {limit}", "met": met,
+            "miss_by": max(0.0, value - limit if at_most else limit - value)}
 
 
-def target_checks(rows: dict[str, dict], generation: Optional[dict]) -> list[dict]:
-    checks = []
-    for (method, metric), limit in TARGETS.items():
-        if method in rows and f"{metric}_ratio" in rows[method]:
-            value = rows[method][f"{metric}_ratio"]
-            checks.append({"what": f"{method} {metric} / {REFERENCE}", "value": value, "target": f"<= {limit}",
-                           "met": value <= limit, "miss_by": max(0.0, value - limit)})
+def target_checks(rows: dict[str, dict], generation: Optional[dict], device: str) -> list[dict]:
+    """Each target of the issue, measured; on CPU also the step's CPU time (steadier on a shared machine)."""
+    metrics = [(m, metric, limit) for (m, metric), limit in TARGETS.items()]
+    if device == "cpu":
+        metrics += [(m, "step_cpu_time", limit) for (m, metric), limit in TARGETS.items() if metric == "step_time"]
+    checks = [check(f"{m} {metric} / {REFERENCE}", rows[m][f"{metric}_ratio"], limit)
+              for m, metric, limit in metrics if m in rows]
     if "imlor2c" in rows and "lor2c" in rows:
-        value = rows["imlor2c"]["step_time_s"] / rows["lor2c"]["step_time_s"]
-        checks.append({"what": "imlor2c step_time / lor2c", "value": value, "target": "<= 1.0",
-                       "met": value <= 1.0, "miss_by": max(0.0, value - 1.0)})
+        checks.append(check("imlor2c step_time / lor2c", rows["imlor2c"]["step_time_s"] / rows["lor2c"]["step_time_s"], 1.0))
     if generation and "lor2c" in generation["rows"]:
-        value = generation["rows"]["lor2c"]["tokens_per_s_ratio_to_base"]
-        checks.append({"what": "lor2c generation tokens/s / base", "value": value, "target": f">= {GENERATION_TARGET}",
-                       "met": value >= GENERATION_TARGET, "miss_by": max(0.0, GENERATION_TARGET - value)})
+        checks.append(check("lor2c generation tokens/s / base", generation["rows"]["lor2c"]["tokens_per_s_ratio_to_base"],
+                            GENERATION_TARGET, at_most=False))
     return checks
 
 
@@ -379,7 +383,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                             ("saved_activations", "saved_activations_bytes"), ("step_flops", "step_flops"),
                             ("cuda_peak_step", "cuda_peak_step_bytes")):
             if key in row:
-                row[f"{metric}_ratio"] = ratio(row[key], ref[key])
+                row[f"{metric}_ratio"] = row[key] / ref[key]
     del trainees
     gc.collect()
 
@@ -402,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "reference": REFERENCE, "warmup": args.warmup, "repeats": args.repeats, "environment": environment(device),
         "rows": rows, "generation": generation,
     }
-    result["targets"] = target_checks(rows, generation)
+    result["targets"] = target_checks(rows, generation, device)
     print_report(result)
     out = args.out or os.path.join(RESULTS, f"speed_{device}.json")
     write_json(result, out)
