@@ -162,7 +162,7 @@ def independent_score(workdir, task: str, adapter_dir: str) -> dict[str, float]:
 # --- every method, through the CLI -------------------------------------------------------------------------
 
 RUNS = [("sst2", "lor2c"), ("sst2", "sharelor2c"), ("sst2", "imlor2c"), ("sst2", "reslora"),
-        ("mrpc", "lora"), ("mrpc", "mergelor2c"), ("stsb", "injectlor2c"), ("stsb", "imlor2c")]
+        ("mrpc", "lora"), ("mrpc", "mergelor2c"), ("stsb", "injectlor2c")]
 _trained: dict[tuple[str, str], tuple] = {}
 
 
@@ -220,9 +220,9 @@ def test_every_method_trains_scores_every_epoch_and_keeps_the_best(workdir, task
         assert kinds.count("merge") == (1 if method in ("mergelor2c", "imlor2c") else 0)
         assert kinds.count("inject") == (1 if method in ("injectlor2c", "imlor2c") else 0)
         assert len(report["spans"]) + len(report["injected"]) == NUM_LAYERS - kinds.count("merge")
-    if method == "imlor2c" and task == "stsb":  # YAML values the command line did not override
+    if method == "imlor2c":  # YAML values the command line did not override
         args = torch.load(os.path.join(out, "training_args.bin"), weights_only=False)
-        assert (args.seed, args.warmup_steps, args.metric_for_best_model, args.load_best_model_at_end) == (17, 0.06, "pearson", True)
+        assert (args.seed, args.warmup_steps, args.metric_for_best_model, args.load_best_model_at_end) == (17, 0.06, "accuracy", True)
         with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
             saved = json.load(f)
         assert (saved["r"], saved["lora_alpha"], saved["inject_r"], saved["inject_alpha"], saved["schedule"]) == (8, 16, 4, 16, "epochs")
