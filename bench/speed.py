@@ -316,6 +316,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--smoke", action="store_true", help="a tiny model and few repeats (checks the script runs)")
+    p.add_argument("--shape", choices=tuple(SHAPES), default=None,
+                   help="model shape (default: the device's; e.g. --shape cuda --blocks 2 on a CPU counts the "
+                        "activations of 7B-sized blocks)")
+    p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: the shape's)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     p.add_argument("--warmup", type=int, default=3)
@@ -346,8 +350,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = SHAPES["smoke" if args.smoke else args.device]
-    shape = replace(shape, batch=args.batch or shape.batch, seq=args.seq or shape.seq, vocab=args.vocab or shape.vocab)
+    shape = SHAPES["smoke" if args.smoke else args.shape or args.device]
+    shape = replace(shape, batch=args.batch or shape.batch, seq=args.seq or shape.seq, vocab=args.vocab or shape.vocab,
+                    blocks=args.blocks or shape.blocks)
     device = args.device
 
     base = build_base(shape, device)
