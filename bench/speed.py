@@ -7,8 +7,11 @@ ratio to PEFT LoRA on q and v. Activations are counted by `torch.autograd.graph.
 unique storage bytes of the tensors autograd saves, parameters and buffers excluded (plus the CUDA peak on
 a GPU). Generation is greedy with KV cache and a fixed number of new tokens.
 
-    python bench/speed.py                       # CPU, Llama shape d=512, 8 blocks, seq 128, batch 4, r=8
+    python bench/speed.py --threads 1           # CPU, Llama shape d=512, 8 blocks, seq 128, batch 4, r=8
     python bench/speed.py --device cuda         # random-init LLaMA2-7B shape, bf16, seq 256, batch 4, r=64
+
+On a shared CPU use one thread: several threads on an oversubscribed machine spin-wait and time noise, not
+work. The CPU-time columns (process time) are the steadier measure there.
 
 Adding a method is one entry in `METHODS` (a label and a function that wraps a base model).
 """
@@ -88,6 +91,8 @@ def peft_lora(model: nn.Module, shape: Shape) -> nn.Module:
 
 
 def lor2c(method: str, **overrides) -> Callable[[nn.Module, Shape], nn.Module]:
+    """A builder for the LoR2C-family preset `method` at the benchmark's rank, alpha and dropout."""
+
     def build(model: nn.Module, shape: Shape) -> nn.Module:
         config = LoR2CConfig.for_method(method, r=shape.r, lora_alpha=shape.alpha, lora_dropout=DROPOUT, **overrides)
         return get_lor2c_model(model, config)
