@@ -30,7 +30,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from bench_utils import environment, interleaved_timing, synchronize, write_json
+from bench_utils import environment, interleaved_timing, write_json
 from lor2c_hf import LoR2CConfig, get_lor2c_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
