@@ -47,6 +47,19 @@ class AdapterConfigIO:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def _names_as_lists(self, *names: str) -> None:
+        """Module-name fields accept one name or any sequence; store them as lists (JSON-able, comparable)."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None:
+                setattr(self, name, list(value))
+
     @classmethod
     def from_pretrained(cls, directory: str):
         with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
@@ -94,16 +107,7 @@ class LoR2CConfig(AdapterConfigIO):
         if self.inject_r is None:
             self.inject_r = max(1, self.r // 2)
         _check(isinstance(self.inject_r, int) and self.inject_r >= 1, "inject_r", self.inject_r, "an integer >= 1")
-        for name in ("inject_target_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, [value])
-            elif value is not None:
-                setattr(self, name, list(value))
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        self._names_as_lists("inject_target_modules", "modules_to_save")
 
     @property
     def inject_scaling(self) -> float:

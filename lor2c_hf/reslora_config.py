@@ -42,16 +42,7 @@ class ResLoRAConfig(AdapterConfigIO):
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)", OWNER)
         _check(self.res_flag in RES_FLAGS, "res_flag", self.res_flag, f"one of {RES_FLAGS}", OWNER)
         _check(isinstance(self.pre_num, int) and self.pre_num >= 0, "pre_num", self.pre_num, "an integer >= 0", OWNER)
-        for name in ("target_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, [value])
-            elif value is not None:
-                setattr(self, name, list(value))
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        self._names_as_lists("target_modules", "modules_to_save")
 
     @property
     def reach(self) -> int:
