@@ -15,6 +15,7 @@ from torch import nn
 
 from . import architectures as arch
 from .config import ConfigError, LoR2CConfig
+from .distributed import broadcast_decision, gathered
 from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, add_lora_delta, add_to_hidden, hidden_input, merge_into_projection
 from .serialization import AdapterIOMixin
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
@@ -141,7 +142,6 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
 
     def sfs(self):
         """SFS scores (and rho) of every current connection, aligned with the spans; float32."""
-        from .distributed import gathered
         slots = self._structure.owners
         if not slots:
             return SFSScores(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
@@ -166,8 +166,6 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         return self._apply_event("inject", step, epoch)
 
     def _apply_event(self, kind: str, step: Optional[int], epoch: Optional[float]) -> dict[str, Any]:
-        from .distributed import broadcast_decision
-
         s, c = self._structure, self.lor2c_config
         scores = self.sfs()
         sfs, rho = scores[0].tolist(), scores[1].tolist()
