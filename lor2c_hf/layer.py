@@ -8,6 +8,8 @@ only decide which slots the forward pass reads. A slot that is not read gets no 
 from __future__ import annotations
 
 import math
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -18,12 +20,28 @@ def _kaiming_(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
+def add_scaled_up_projection(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`base + scaling * h @ b.T`: the second half of a low-rank delta added to the output it adjusts.
+
+    When `base` and `h` share a dtype this is one `addmm`, so no full-width delta is materialised and neither
+    the scaling nor the sum costs a separate pass (forward or backward). Otherwise (a bf16 model with fp32
+    adapters and no autocast) the delta is computed in the adapter's dtype, added in the wider dtype and cast
+    back, as PEFT does.
+    """
+    if base.dtype == h.dtype and base.is_contiguous():
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+        return out.view(base.shape)
+    return (base + F.linear(h, b) * scaling).to(base.dtype)
+
+
 class LoraLayer(nn.Module):
     """Standard LoRA delta for one projection: `scaling * B(A(dropout(x)))`, with PEFT's layout and init.
 
     It holds only the adapter; the frozen projection stays where it is and a forward hook adds this delta to
     its output. Used for the LoRA injected by InjectLoR2C and by the ResLoRA baseline.
     """
+
+    _z3_leaf = True  # DeepSpeed ZeRO-3: gather lora_A and lora_B together when this module is called
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                  device=None, dtype=None) -> None:
@@ -35,21 +53,21 @@ class LoraLayer(nn.Module):
         _kaiming_(self.lora_A.weight)
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.dropped_input(x))) * self.scaling
+    def forward(self, x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The delta `scaling * B A dropout(x)`, or `base + delta` (fused) when the projection's output is given."""
+        h = self.lora_A(self.dropped_input(x))
+        if base is None:
+            return self.lora_B(h) * self.scaling
+        return add_scaled_up_projection(base, h, self.lora_B.weight, self.scaling)
 
     def dropped_input(self, x: torch.Tensor) -> torch.Tensor:
         """`dropout(x)` in the adapter's dtype: what `lora_A` reads (ResLoRA combines these across layers)."""
-        return self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        x = x.to(self.lora_A.weight.dtype)
+        return self.lora_dropout(x) if self.training else x
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update `scaling * B A` (out x in), for merging into the base weight."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-
-
-def add_lora_delta(output: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """A projection's output plus a LoRA delta, summed in the wider dtype and cast back (as PEFT does)."""
-    return (output + delta).to(output.dtype)
 
 
 def merge_into_projection(module: nn.Module, delta_weight: torch.Tensor) -> None:
@@ -72,10 +90,12 @@ def merge_into_projection(module: nn.Module, delta_weight: torch.Tensor) -> None
 class LoR2CConnections(nn.Module):
     """All low-rank residual connections of one model: slot i holds `A_i` (r x d) and `B_i` (d x r).
 
-    With `share_a` there is one A for every slot (ShareLoR2C). Calling the module with `(slot, x)` returns
-    `scaling * B_slot A_slot dropout(x)`; it is called as a module so DeepSpeed ZeRO-3 gathers its
-    parameters around the call.
+    With `share_a` there is one A for every slot (ShareLoR2C). Calling the module with `(slot, x, base)`
+    returns `base + scaling * B_slot A_slot dropout(x)`; it is called as a module so DeepSpeed ZeRO-3
+    gathers its parameters around the call.
     """
+
+    _z3_leaf = True  # DeepSpeed ZeRO-3: the slots live in ParameterLists; gather them when this module is called
 
     def __init__(self, num_slots: int, d: int, r: int, alpha: float, dropout: float, share_a: bool,
                  device=None, dtype=None) -> None:
@@ -95,9 +115,14 @@ class LoR2CConnections(nn.Module):
     def a_of(self, slot: int) -> nn.Parameter:
         return self.lora_A[0 if self.share_a else slot]
 
-    def forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, slot: int, x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`base + scaling * B A dropout(x)` for `slot` (the delta alone when `base` is None)."""
         a, b = self.a_of(slot), self.lora_B[slot]
-        return F.linear(F.linear(self.lora_dropout(x.to(a.dtype)), a), b) * self.scaling
+        x = x.to(a.dtype)
+        h = F.linear(self.lora_dropout(x) if self.training else x, a)
+        if base is None:
+            return F.linear(h, b) * self.scaling
+        return add_scaled_up_projection(base, h, b, self.scaling)
 
 
 class InjectedLoRA(nn.Module):
@@ -125,14 +150,18 @@ def _name(key: str) -> str:
     return key.replace("__", ".")
 
 
-def add_to_hidden(output, delta: torch.Tensor):
-    """Add `delta` to a block's hidden-state output (the first element when the block returns a tuple)."""
+def hidden_output(output) -> torch.Tensor:
+    """A block's hidden-state output (the first element when the block returns a tuple)."""
     if isinstance(output, torch.Tensor):
-        return output + delta.to(output.dtype)
-    if isinstance(output, (tuple, list)):
-        first = output[0] + delta.to(output[0].dtype)
-        return type(output)((first, *output[1:]))
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
     raise TypeError(f"Cannot add a residual to a block output of type {type(output).__name__}.")
+
+
+def with_hidden_output(output, hidden: torch.Tensor):
+    """`output` with its hidden state replaced by `hidden` (same container type)."""
+    return hidden if isinstance(output, torch.Tensor) else type(output)((hidden, *output[1:]))
 
 
 def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:

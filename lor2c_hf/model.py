@@ -16,7 +16,7 @@ from torch import nn
 from . import architectures as arch
 from .config import ConfigError, LoR2CConfig
 from .distributed import broadcast_decision, gathered
-from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, add_lora_delta, add_to_hidden, hidden_input, merge_into_projection
+from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, hidden_input, hidden_output, merge_into_projection, with_hidden_output
 from .serialization import AdapterIOMixin
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
 from .sfs import SFSScores, sfs_scores
@@ -114,7 +114,7 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
                 return output
             start, slot = end
             x = hidden_input(args, kwargs) if start == index else self._stash.pop(start)
-            return add_to_hidden(output, self.lor2c(slot, x))
+            return with_hidden_output(output, self.lor2c(slot, x, hidden_output(output)))
 
         return hook
 
@@ -250,7 +250,7 @@ def describe_event(record: dict[str, Any]) -> str:
 
 def _lora_hook(layer: LoraLayer):
     def hook(module, args, output):
-        return add_lora_delta(output, layer(args[0]))
+        return layer(args[0], output)
 
     return hook
 

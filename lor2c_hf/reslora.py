@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from . import architectures as arch
 from .config import ConfigError
-from .layer import InjectedLoRA, LoraLayer, add_lora_delta, merge_into_projection
+from .layer import InjectedLoRA, LoraLayer, add_scaled_up_projection, merge_into_projection
 from .reslora_config import ResLoRAConfig
 from .serialization import AdapterIOMixin, AdapterLoadError
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
@@ -153,37 +153,38 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         x = args[0]
         flag = self.reslora_config.res_flag
         if flag == "bs":
-            return add_lora_delta(output, self._block_shortcut(block, target, x))
+            return self._block_shortcut(block, target, x, output)
         if self._active is None:
             self._active = {}  # a block called outside a full forward: no earlier layer ran
         stash, layer = self._active, self._layers[block][target]
         first_call = (block, target) not in stash  # False while gradient checkpointing recomputes the block
         if flag == "is":
             previous = stash.get((block - 1, target))
-            delta = layer(x if previous is None else x.to(layer.lora_A.weight.dtype) + previous.to(layer.lora_A.weight.dtype))
+            dtype = layer.lora_A.weight.dtype
+            result = layer(x if previous is None else x.to(dtype) + previous.to(dtype), output)
             keep = x
         else:
             keep = layer.lora_A(layer.dropped_input(x))
             earlier = [stash[(block - k, target)] for k in range(1, self.reslora_config.pre_num + 1) if (block - k, target) in stash]
-            delta = layer.lora_B(keep + sum(earlier) if earlier else keep) * layer.scaling
+            result = add_scaled_up_projection(output, keep + sum(earlier) if earlier else keep, layer.lora_B.weight, layer.scaling)
         if first_call:
             stash[(block, target)] = keep
             if module.training:
                 self.reslora.record_input(block, target, x)
-        return add_lora_delta(output, delta)
+        return result
 
     def _shortcut_layers(self, block: int, target: int) -> list[LoraLayer]:
         """The LoRA of this block and of the pre_num blocks below it (bs)."""
         return [self._layers[block - k][target] for k in range(min(self.reslora_config.pre_num, block) + 1)]
 
-    def _block_shortcut(self, block: int, target: int, x: torch.Tensor) -> torch.Tensor:
+    def _block_shortcut(self, block: int, target: int, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output + s * sum_k B_{l-k} A_{l-k} dropout(x)` as one rank-(k*r) product instead of k small ones."""
         layers = self._shortcut_layers(block, target)
-        u = layers[0].dropped_input(x)
         if len(layers) == 1:
-            return layers[0].lora_B(layers[0].lora_A(u)) * layers[0].scaling
-        a = torch.cat([m.lora_A.weight for m in layers])  # (k r, in): one rank-k*r product instead of k small ones
+            return layers[0](x, output)
+        a = torch.cat([m.lora_A.weight for m in layers])  # (k r, in)
         b = torch.cat([m.lora_B.weight for m in layers], dim=1)  # (out, k r)
-        return F.linear(F.linear(u, a), b) * layers[0].scaling
+        return add_scaled_up_projection(output, F.linear(layers[0].dropped_input(x), a), b, layers[0].scaling)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         self._check_checkpointing(gradient_checkpointing_kwargs)

@@ -307,3 +307,44 @@ def test_inject_ignores_merged_spans_even_with_lowest_sfs():
     record = model.apply_inject()
     assert record["blocks"] == [3]  # ... but only single-block spans can be injected: block 3 < block 0
     assert model.structure["spans"] == [[0, 0], [1, 2]] and model.structure["injected"] == [3]
+
+
+# --- the fused add of a low-rank delta --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["fp32", "fp32_non_contiguous", "bf16_base_fp32_adapter"])
+def test_fused_low_rank_add_equals_separate_ops(case):
+    """`base + s * h @ B.T` (one addmm when dtypes agree) equals the unfused sum, in value and in gradients."""
+    from lor2c_hf.layer import add_scaled_up_projection
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 5, 16, generator=g)
+    if case == "fp32_non_contiguous":
+        base = torch.randn(5, 2, 16, generator=g).transpose(0, 1)
+    if case == "bf16_base_fp32_adapter":
+        base = base.to(torch.bfloat16)
+    h = torch.randn(2, 5, 4, generator=g, requires_grad=True)
+    b = torch.randn(16, 4, generator=g, requires_grad=True)
+    out = add_scaled_up_projection(base, h, b, 2.5)
+    assert out.shape == base.shape and out.dtype == base.dtype
+    expected = (base.double() + 2.5 * h.double() @ b.double().t()).to(base.dtype)
+    torch.testing.assert_close(out, expected, rtol=1e-5 if base.dtype == torch.float32 else 1e-2, atol=1e-5)
+    weights = torch.randn(out.shape, generator=g)
+    (out.float() * weights).sum().backward()
+    grad_out = weights.to(base.dtype).float()  # the gradient reaching the sum, in the output's precision
+    torch.testing.assert_close(h.grad, 2.5 * grad_out @ b.detach())
+    torch.testing.assert_close(b.grad, 2.5 * grad_out.reshape(-1, 16).t() @ h.detach().reshape(-1, 4))
+
+
+def test_adapter_modules_are_zero3_leaves():
+    """DeepSpeed ZeRO-3 gathers a module's own parameters only; the connections keep theirs in ParameterLists
+    and LoraLayer reads `lora_B.weight` directly, so both must be flagged as ZeRO-3 leaf modules."""
+    from lor2c_hf.layer import LoR2CConnections, LoraLayer
+
+    for module in (LoR2CConnections(3, 8, 2, 4, 0.1, share_a=False), LoraLayer(8, 8, 2, 4, 0.1)):
+        try:
+            from deepspeed.utils import z3_leaf_module
+        except ImportError:
+            assert getattr(module, "_z3_leaf", False) is True
+        else:
+            assert z3_leaf_module(module)

@@ -470,7 +470,7 @@ def test_bad_config_values_fail_at_construction():
 
 @pytest.mark.parametrize("flag", ["bs", "ms"])
 def test_pre_num_beyond_the_model_depth_fails_clearly(flag):
-    with pytest.raises(ConfigError, match=rf"pre_num=4 but LlamaForCausalLM has 4 blocks.*0 <= pre_num <= 3"):
+    with pytest.raises(ConfigError, match=r"pre_num=4 but LlamaForCausalLM has 4 blocks.*0 <= pre_num <= 3"):
         get_reslora_model(tiny_model("llama", num_layers=L), ResLoRAConfig(res_flag=flag, pre_num=4))
     get_reslora_model(tiny_model("llama", num_layers=L), ResLoRAConfig(res_flag=flag, pre_num=3))
 
