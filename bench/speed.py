@@ -31,7 +31,7 @@ import transformers as tf
 from torch import nn
 
 from bench_utils import environment, interleaved_timing, write_json
-from lor2c_hf import LoR2CConfig, get_lor2c_model
+from lor2c_hf import LoR2CConfig, ResLoRAConfig, get_lor2c_model, get_reslora_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DROPOUT = 0.05  # the paper's LLaMA setting, used for LoR2C and LoRA alike
@@ -115,8 +115,23 @@ def imlor2c_after_events(model: nn.Module, shape: Shape) -> nn.Module:
     return wrapped
 
 
+def reslora(res_flag: str, pre_num: int) -> Callable[[nn.Module, Shape], nn.Module]:
+    """A builder for lor2c_hf's ResLoRA on q and v; `pre_num=0` with the block shortcut is plain LoRA."""
+
+    def build(model: nn.Module, shape: Shape) -> nn.Module:
+        config = ResLoRAConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=DROPOUT, res_flag=res_flag,
+                               pre_num=min(pre_num, shape.blocks - 1))
+        return get_reslora_model(model, config)
+
+    return build
+
+
 def frozen_base(model: nn.Module, shape: Shape) -> nn.Module:
-    """No adapter: forward and backward down to the embeddings' output (the floor of any adapter's step)."""
+    """No adapter: forward and backward down to the embeddings' output.
+
+    What LoRA on every block must at least do. It is not a floor for LoR2C: nothing below block 0 needs a
+    gradient there, so LoR2C's backward stops at block 0's output and never enters block 0.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     model.enable_input_require_grads()
@@ -134,10 +149,9 @@ METHODS: dict[str, Method] = {
     "lor2c": Method("LoR2C", lor2c("lor2c")),
     "sharelor2c": Method("ShareLoR2C", lor2c("sharelor2c")),
     "imlor2c": Method("IMLoR2C after events (M=N=L/4)", imlor2c_after_events),
-    "base": Method("frozen base, no adapter (floor)", frozen_base),
-    # One line each once lor2c_hf has them, e.g.:
-    # "our_lora": Method("our LoRA (q,v)", our_lora),
-    # "reslora": Method("ResLoRA (ms, p=4)", reslora("ms")),
+    "our_lora": Method("our LoRA (q,v; ResLoRA p=0)", reslora("bs", 0)),
+    "reslora": Method("ResLoRA (ms, p=4)", reslora("ms", 4)),
+    "base": Method("frozen base, no adapter", frozen_base),
 }
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Optional
 
+logger = logging.getLogger("lor2c_hf")
+STRUCTURE_PICTURE = "structure.png"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -31,7 +34,7 @@ def usage_snippet(model: Any, base_id: Optional[str], repo_id: str) -> str:
             f"base = {cls}.from_pretrained({source}{extra})\nmodel = {wrapper}.from_pretrained(base, {json.dumps(repo_id)})")
 
 
-def describe_adapter(model: Any, base: str) -> str:
+def describe_adapter(model: Any, base: str, picture: Optional[str] = None) -> str:
     """The card's description of the method, its settings, parameters and (for LoR2C) structure and events."""
     config = model.adapter_config
     trainable, total = model.get_nb_trainable_parameters()
@@ -51,6 +54,7 @@ merged into the weights for inference) for `{base}`, trained with [lor2c-hf](htt
         f"| {e.get('params_before', '')} -> {e.get('params_after', '')} |"
         for e in structure["events"]
     ) or "| - | - | - | - | - |"
+    picture_line = f"\n![Structure: connections, injected blocks and the SFS scores of every event]({picture})\n" if picture else ""
     return f"""A **{config.method}** adapter (LoR2C: low-rank residual connections between transformer blocks) for
 `{base}`, trained with [lor2c-hf](https://github.com/lor2c-hf/lor2c-hf).
 
@@ -59,7 +63,7 @@ merged into the weights for inference) for `{base}`, trained with [lor2c-hf](htt
 {params}
 - Spans (first block, last block): `{json.dumps(structure['spans'])}`
 - Blocks with injected LoRA: `{json.dumps(structure['injected'])}`
-
+{picture_line}
 ## Structure events
 
 | step | kind | blocks | SFS scores | adapter params |
@@ -68,7 +72,8 @@ merged into the weights for inference) for `{base}`, trained with [lor2c-hf](htt
 """
 
 
-def model_card(model: Any, repo_id: str, metrics: Optional[dict[str, float]] = None) -> str:
+def model_card(model: Any, repo_id: str, metrics: Optional[dict[str, float]] = None, picture: Optional[str] = None) -> str:
+    """The card's Markdown; `picture` is the file name of a structure picture stored next to it."""
     config = model.adapter_config
     base_id = hub_base_id(config.base_model_name_or_path)
     base = config.base_model_name_or_path or type(model.base_model).__name__
@@ -84,7 +89,7 @@ library_name: lor2c-hf
 
 # {repo_id}
 
-{describe_adapter(model, base)}
+{describe_adapter(model, base, picture)}
 ## Metrics
 
 {metric_lines}
@@ -95,3 +100,31 @@ library_name: lor2c-hf
 {usage_snippet(model, base_id, repo_id)}
 ```
 """
+
+
+def write_model_card(model: Any, folder: str, repo_id: str, metrics: Optional[dict[str, float]] = None) -> list[str]:
+    """Write `README.md` into `folder` and, for a LoR2C adapter, the structure picture it shows; the file names.
+
+    The picture needs matplotlib (the `plot` extra); without it the card simply has no picture.
+    """
+    from .plotting import plot_structure
+    from .serialization import atomic_write
+
+    written, picture = [], None
+    if hasattr(model, "sfs"):  # LoR2C family: spans and events to draw (ResLoRA has no structure to show)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            logger.info("lor2c_hf: matplotlib is not installed, so the model card has no structure picture.")
+        else:
+            plot_structure(model, os.path.join(folder, STRUCTURE_PICTURE), title=f"{repo_id} ({model.adapter_config.method})")
+            picture = STRUCTURE_PICTURE
+            written.append(STRUCTURE_PICTURE)
+    card = model_card(model, repo_id, metrics, picture)
+    atomic_write(os.path.join(folder, "README.md"), lambda tmp: _write_text(tmp, card))
+    return ["README.md", *written]
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)

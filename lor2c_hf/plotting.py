@@ -123,7 +123,9 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
         if title:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        fig.savefig(path, format="png", dpi=110)
+        from .serialization import atomic_write  # a crash never leaves a half-written picture
+
+        atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)
     return os.fspath(path)

@@ -245,13 +245,12 @@ class AdapterIOMixin:
         """Upload the adapter and a generated model card to `repo_id`; returns the commit URL."""
         from huggingface_hub import HfApi
 
-        from .model_card import model_card
+        from .model_card import write_model_card
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-                f.write(model_card(self, repo_id, metrics))
+            write_model_card(self, tmp, repo_id, metrics)
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, create_pr=create_pr)
         return str(info)

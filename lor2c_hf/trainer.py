@@ -91,12 +91,9 @@ class LoR2CTrainer(Trainer):
         """`Trainer.push_to_hub` calls this: write the adapter's card, with the last evaluation's metrics."""
         if not self.is_world_process_zero():
             return
-        from .model_card import model_card
-        from .serialization import atomic_write
+        from .model_card import write_model_card
 
         metrics = {k: v for entry in self.state.log_history for k, v in entry.items() if k.startswith("eval_")}
         repo_id = self.hub_model_id or self.args.hub_model_id or model_name or os.path.basename(self.args.output_dir)
-        card = model_card(self.lor2c_model, repo_id, metrics)
         os.makedirs(self.args.output_dir, exist_ok=True)
-        atomic_write(os.path.join(self.args.output_dir, "README.md"),
-                     lambda tmp: open(tmp, "w", encoding="utf-8").write(card))
+        write_model_card(self.lor2c_model, self.args.output_dir, repo_id, metrics)

@@ -24,6 +24,7 @@ import lor2c_hf
 from lor2c_hf import LoR2CConfig, LoR2CTrainer, get_lor2c_model
 from lor2c_hf.architectures import default_qv_targets
 from lor2c_hf.distributed import gathered
+from lor2c_hf.model_card import STRUCTURE_PICTURE
 
 LOR2C_METHODS = tuple(lor2c_hf.METHODS)
 MERGE_METHODS = ("mergelor2c", "imlor2c")
@@ -164,6 +165,22 @@ class RecipeArgumentParser(HfArgumentParser):
             if arg.startswith("--config="):
                 return arg.split("=", 1)[1]
         return None
+
+
+def draw_structure(model: torch.nn.Module, output_dir: str, title: str) -> Optional[str]:
+    """Draw a LoR2C-family adapter's structure to `output_dir/structure.png`; its path, or None for other
+    adapters (LoRA, ResLoRA) and when matplotlib (the `plot` extra) is not installed."""
+    from lor2c_hf.callback import unwrap_lor2c
+
+    try:
+        adapter = unwrap_lor2c(model)
+    except TypeError:
+        return None
+    if importlib.util.find_spec("matplotlib") is None:
+        print('[recipe] no structure picture: matplotlib is not installed (pip install "lor2c-hf[plot]")', flush=True)
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    return lor2c_hf.plot_structure(adapter, os.path.join(output_dir, STRUCTURE_PICTURE), title=title)
 
 
 def world_size_from_env() -> int:

@@ -27,7 +27,7 @@ from transformers import (
 
 from common import (
     AdapterArguments, ModelArguments, RecipeArgumentParser, RecipeError, RecipeTrainingArguments, check_model_arguments,
-    check_ranks_agree, describe_batch, hub_error, load_model, load_tokenizer, main_print, one_line,
+    check_ranks_agree, describe_batch, draw_structure, hub_error, load_model, load_tokenizer, main_print, one_line,
     prepare_training_namespace, run_recipe, unwrap_model, validate_adapter_arguments, wrap_model,
 )
 
@@ -357,6 +357,8 @@ def write_report(report: dict[str, Any], output_dir: str) -> tuple[str, str]:
     if "spans" in report:
         lines.append(f"- structure: spans {report['spans']}, injected blocks {report['injected']}, "
                      f"{len(report['events'])} event(s)")
+    if report.get("structure_picture"):
+        lines += ["", f"![structure: connections, injected blocks, SFS of every event]({report['structure_picture']})"]
     lines += ["", "| metric | value |", "|---|---|"]
     for name, value in report["metrics"].items():
         mark = " (best-model metric)" if name == report["best_metric"] else ""
@@ -436,6 +438,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if training_args.process_index == 0:
         report = build_report(task, method, model_args.model_name_or_path, adapter_dir, metrics, trainer.model,
                               eval_data_source(data_args, task), len(dev), mode)
+        picture = draw_structure(trainer.model, training_args.output_dir, f"{task.name} {method}: {report['score']:.4f}")
+        if picture:
+            report["structure_picture"] = os.path.basename(picture)
         paths = write_report(report, training_args.output_dir)
         print(f"[glue] {task.name} {task.best_metric} {report['score']:.4f}; report in {paths[0]} and {paths[1]}", flush=True)
     return 0

