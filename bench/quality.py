@@ -11,6 +11,7 @@ each at rank r. The output is a table, `bench/results/quality.json` (every run, 
 plain verdict on whether LoR2C at half of LoRA's parameters matches it) and `quality.png`.
 
     python bench/quality.py                  # full run: 5 methods x 3 seeds (estimated 25-35 min on 2 quiet cores)
+    python bench/quality.py --learning_rate 2e-3 --name quality_lr2e-3   # another setting, kept beside the first
     python bench/quality.py --smoke --model_dir <tiny model> --data_dir <folder with train.tsv, dev.tsv>
 
 Not part of CI. `bench/grad_flow.py` reuses the data, model and adapter helpers defined here.
@@ -400,6 +401,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ...); at least 3 for the report.")
     parser.add_argument("--smoke", action="store_true", help="A few steps on little data: checks the script, measures nothing.")
     parser.add_argument("--no_png", action="store_true")
+    parser.add_argument("--name", default=None, help="Base name of the JSON and PNG files (default: quality, or "
+                        "quality_smoke with --smoke); give another to keep an earlier run's results.")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in KNOWN_METHODS]
@@ -407,6 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--methods: unknown {unknown or 'none given'}; expected any of {KNOWN_METHODS}.")
     if args.seeds < 1:
         parser.error("--seeds: expected at least 1.")
+    if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name):
+        parser.error(f"--name {args.name!r}: expected a plain file name without a folder (use --output_dir for that).")
     hp = hparams_from(args, max_steps=6, batch_size=8, eval_batch_size=16)
     if args.smoke:
         args.train_size = args.train_size or 64
@@ -416,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model_dir, data_dir, tokenizer = prepare(args)
     train_ds, eval_ds = load_sst2(data_dir, tokenizer, hp.max_length, args.train_size, args.eval_size)
-    name = "quality_smoke" if args.smoke else "quality"
+    name = args.name or ("quality_smoke" if args.smoke else "quality")
     json_path = os.path.join(args.output_dir, f"{name}.json")
     payload: dict[str, Any] = {
         "benchmark": "quality", "smoke": args.smoke, "machine": machine(),
