@@ -397,7 +397,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "trainable_parameters": active_parameters(t),
             "allocated_trainable_parameters": sum(p.numel() for p in t.params),
         }
-        if hasattr(t.model, "structure"):
+        if "spans" in getattr(t.model, "structure", {}):  # the LoR2C family (ResLoRA's structure has no spans)
             rows[name]["structure"] = {k: t.model.structure[k] for k in ("spans", "injected")}
         if device == "cuda":
             rows[name]["cuda_peak_step_bytes"] = cuda_step_peak_bytes(t, input_ids)
