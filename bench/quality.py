@@ -455,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_png:
         png = os.path.join(args.output_dir, f"{name}.png")
         plot(payload["summary"], png, f"SST-2 dev accuracy, {model_label(model_dir)}, {hp.max_steps} steps x batch "
-             f"{hp.batch_size}, {args.seeds} seed(s)")
+             f"{hp.batch_size}, lr {hp.learning_rate:g}, {args.seeds} seed(s)")
         print(f"wrote {json_path} and {png}")
     else:
         print(f"wrote {json_path}")
