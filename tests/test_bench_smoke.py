@@ -32,7 +32,7 @@ def speed(tmp_path_factory) -> dict:
 
 def test_speed_rows_and_ratios(speed):
     rows = speed["rows"]
-    assert list(rows) == ["peft_lora", "lor2c", "sharelor2c", "imlor2c", "base"]
+    assert list(rows) == ["peft_lora", "lor2c", "sharelor2c", "imlor2c", "our_lora", "reslora", "base"]
     assert speed["reference"] == "peft_lora" and speed["dropout"] == 0.05
     ref = rows["peft_lora"]
     for name, row in rows.items():
@@ -50,6 +50,8 @@ def test_speed_builds_the_methods_it_names(speed):
     assert rows["lor2c"]["trainable_parameters"] == 2 * L * d * r
     assert rows["sharelor2c"]["trainable_parameters"] == (L + 1) * d * r
     assert rows["imlor2c"]["trainable_parameters"] == 2 * (L - 1) * d * r  # one merge (M=L/4), one inject
+    assert rows["our_lora"]["trainable_parameters"] == rows["reslora"]["trainable_parameters"] == 4 * L * d * r
+    assert "structure" not in rows["our_lora"] and "structure" not in rows["reslora"]
     assert rows["base"]["trainable_parameters"] == 0
     structure = rows["imlor2c"]["structure"]
     assert len(structure["injected"]) == 1 and len(structure["spans"]) == L - 2
