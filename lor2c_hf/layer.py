@@ -8,8 +8,6 @@ only decide which slots the forward pass reads. A slot that is not read gets no 
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -35,10 +33,11 @@ def add_scaled_up_projection(base: torch.Tensor, h: torch.Tensor, b: torch.Tenso
 
 
 class LoraLayer(nn.Module):
-    """Standard LoRA delta for one projection: `scaling * B(A(dropout(x)))`, with PEFT's layout and init.
+    """Standard LoRA for one projection: `scaling * B(A(dropout(x)))`, with PEFT's layout and init.
 
-    It holds only the adapter; the frozen projection stays where it is and a forward hook adds this delta to
-    its output. Used for the LoRA injected by InjectLoR2C and by the ResLoRA baseline.
+    It holds only the adapter; the frozen projection stays where it is and a forward hook passes its output
+    through this module, which adds the delta. Used for the LoRA injected by InjectLoR2C and by the ResLoRA
+    baseline.
     """
 
     _z3_leaf = True  # DeepSpeed ZeRO-3: gather lora_A and lora_B together when this module is called
@@ -53,12 +52,9 @@ class LoraLayer(nn.Module):
         _kaiming_(self.lora_A.weight)
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The delta `scaling * B A dropout(x)`, or `base + delta` (fused) when the projection's output is given."""
-        h = self.lora_A(self.dropped_input(x))
-        if base is None:
-            return self.lora_B(h) * self.scaling
-        return add_scaled_up_projection(base, h, self.lora_B.weight, self.scaling)
+    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """`base + scaling * B A dropout(x)`: the projection's output `base` with this LoRA's delta added (fused)."""
+        return add_scaled_up_projection(base, self.lora_A(self.dropped_input(x)), self.lora_B.weight, self.scaling)
 
     def dropped_input(self, x: torch.Tensor) -> torch.Tensor:
         """`dropout(x)` in the adapter's dtype: what `lora_A` reads (ResLoRA combines these across layers)."""
@@ -115,14 +111,12 @@ class LoR2CConnections(nn.Module):
     def a_of(self, slot: int) -> nn.Parameter:
         return self.lora_A[0 if self.share_a else slot]
 
-    def forward(self, slot: int, x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`base + scaling * B A dropout(x)` for `slot` (the delta alone when `base` is None)."""
-        a, b = self.a_of(slot), self.lora_B[slot]
+    def forward(self, slot: int, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """`base + scaling * B A dropout(x)` for `slot`: a block's output with this connection added (fused)."""
+        a = self.a_of(slot)
         x = x.to(a.dtype)
-        h = F.linear(self.lora_dropout(x) if self.training else x, a)
-        if base is None:
-            return F.linear(h, b) * self.scaling
-        return add_scaled_up_projection(base, h, b, self.scaling)
+        return add_scaled_up_projection(base, F.linear(self.lora_dropout(x) if self.training else x, a),
+                                        self.lora_B[slot], self.scaling)
 
 
 class InjectedLoRA(nn.Module):
