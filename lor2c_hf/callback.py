@@ -106,9 +106,8 @@ class LoR2CCallback(TrainerCallback):
             return
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(checkpoint):
-            from .serialization import atomic_write
+            from .serialization import atomic_write_text
 
             payload = {"structure": unwrap_lor2c(model).structure,
                        "merge_points": self.merge_points, "inject_points": self.inject_points}
-            atomic_write(os.path.join(checkpoint, STRUCTURE_FILE),
-                         lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(payload, indent=1)))
+            atomic_write_text(os.path.join(checkpoint, STRUCTURE_FILE), json.dumps(payload, indent=1))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME
-from .serialization import ADAPTER_CLASSES, AdapterLoadError, atomic_write, load_adapter_model
+from .serialization import ADAPTER_CLASSES, AdapterLoadError, atomic_write_text, load_adapter_model
 
 # The paper's InstructEval suite (SPEC §8, Table II) as lm-eval tasks: name -> (lm-eval task, shots).
 PAPER_TASKS: dict[str, tuple[str, int]] = {
@@ -386,15 +386,10 @@ def write_report(output_dir: str, scores: dict[str, dict[str, dict[str, float]]]
               **(details or {})}
     text = json.dumps(json_safe(report), indent=2)
     json_path, md_path = os.path.join(output_dir, REPORT_JSON), os.path.join(output_dir, REPORT_MARKDOWN)
-    atomic_write(json_path, lambda tmp: _write_text(tmp, text))
+    atomic_write_text(json_path, text)
     markdown = [f"# {title}\n", score_table(scores, headline, column_notes, labels), *extra_markdown]
-    atomic_write(md_path, lambda tmp: _write_text(tmp, "\n".join(markdown)))
+    atomic_write_text(md_path, "\n".join(markdown))
     return json_path, md_path
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def write_samples(directory: str, row: str, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -406,6 +401,6 @@ def write_samples(directory: str, row: str, samples: dict[str, list[dict[str, An
     for task, records in samples.items():
         path = os.path.join(folder, f"{task}.jsonl")
         lines = "".join(json.dumps(json_safe(r)) + "\n" for r in records)
-        atomic_write(path, lambda tmp, lines=lines: _write_text(tmp, lines))
+        atomic_write_text(path, lines)
         paths.append(path)
     return paths

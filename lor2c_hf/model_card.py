@@ -108,7 +108,7 @@ def write_model_card(model: Any, folder: str, repo_id: str, metrics: Optional[di
     The picture needs matplotlib (the `plot` extra); without it the card simply has no picture.
     """
     from .plotting import plot_structure
-    from .serialization import atomic_write
+    from .serialization import atomic_write_text
 
     written, picture = [], None
     if hasattr(model, "sfs"):  # LoR2C family: spans and events to draw (ResLoRA has no structure to show)
@@ -121,10 +121,5 @@ def write_model_card(model: Any, folder: str, repo_id: str, metrics: Optional[di
             picture = STRUCTURE_PICTURE
             written.append(STRUCTURE_PICTURE)
     card = model_card(model, repo_id, metrics, picture)
-    atomic_write(os.path.join(folder, "README.md"), lambda tmp: _write_text(tmp, card))
+    atomic_write_text(os.path.join(folder, "README.md"), card)
     return ["README.md", *written]
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)

@@ -28,6 +28,16 @@ class AdapterLoadError(ValueError):
     """An adapter does not fit the base model it is loaded onto; nothing was changed."""
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write(path, lambda tmp: _write_text(tmp, text))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def atomic_write(path: str, write) -> None:
     """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -179,8 +189,7 @@ class AdapterIOMixin:
             "lor2c_base": json.dumps(base_signature(self.base_model, self.blocks_path)),
         }
         atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=metadata))
-        config_json = self.adapter_config.to_json_string()
-        atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda tmp: open(tmp, "w", encoding="utf-8").write(config_json))
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.adapter_config.to_json_string())
 
     def load_adapter(self, path_or_repo_id: str, **hub_kwargs: Any) -> None:
         """Restore weights and structure from a saved adapter onto this model (checked first, then applied)."""
