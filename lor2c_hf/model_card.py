@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from typing import Any, Optional
 
-logger = logging.getLogger("lor2c_hf")
-STRUCTURE_PICTURE = "structure.png"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -107,19 +104,10 @@ def write_model_card(model: Any, folder: str, repo_id: str, metrics: Optional[di
 
     The picture needs matplotlib (the `plot` extra); without it the card simply has no picture.
     """
-    from .plotting import plot_structure
+    from .plotting import save_structure_picture
     from .serialization import atomic_write_text
 
-    written, picture = [], None
-    if hasattr(model, "sfs"):  # LoR2C family: spans and events to draw (ResLoRA has no structure to show)
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            logger.info("lor2c_hf: matplotlib is not installed, so the model card has no structure picture.")
-        else:
-            plot_structure(model, os.path.join(folder, STRUCTURE_PICTURE), title=f"{repo_id} ({model.adapter_config.method})")
-            picture = STRUCTURE_PICTURE
-            written.append(STRUCTURE_PICTURE)
-    card = model_card(model, repo_id, metrics, picture)
-    atomic_write_text(os.path.join(folder, "README.md"), card)
-    return ["README.md", *written]
+    path = save_structure_picture(model, folder, title=f"{repo_id} ({model.adapter_config.method})")
+    picture = os.path.basename(path) if path else None
+    atomic_write_text(os.path.join(folder, "README.md"), model_card(model, repo_id, metrics, picture))
+    return ["README.md", *([picture] if picture else [])]

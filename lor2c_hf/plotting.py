@@ -8,10 +8,14 @@ with the Agg backend, so no screen is needed.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional, Union
 
 from .structure import Structure
+
+logger = logging.getLogger("lor2c_hf")
+STRUCTURE_PICTURE = "structure.png"  # the file name model cards and recipe reports link to
 
 SPAN_COLOR = "#2b6cb0"
 MERGED_COLOR = "#805ad5"
@@ -129,3 +133,22 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
     finally:
         plt.close(fig)
     return os.fspath(path)
+
+
+def save_structure_picture(model: Any, folder: str, title: Optional[str] = None) -> Optional[str]:
+    """Draw a `LoR2CModel`'s structure to `folder/structure.png` and return that path.
+
+    None for adapters with no spans to draw (ResLoRA, PEFT LoRA) and, with a log line, when matplotlib (the
+    `plot` extra) is not installed: the picture is an extra, never a reason to fail a save or a push.
+    """
+    from .model import LoR2CModel
+
+    if not isinstance(model, LoR2CModel):
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logger.warning('lor2c_hf: no structure picture, matplotlib is not installed (pip install "lor2c-hf[plot]").')
+        return None
+    os.makedirs(folder, exist_ok=True)
+    return plot_structure(model, os.path.join(folder, STRUCTURE_PICTURE), title=title)

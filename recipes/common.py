@@ -24,7 +24,6 @@ import lor2c_hf
 from lor2c_hf import LoR2CConfig, LoR2CTrainer, get_lor2c_model
 from lor2c_hf.architectures import default_qv_targets
 from lor2c_hf.distributed import gathered
-from lor2c_hf.model_card import STRUCTURE_PICTURE
 
 LOR2C_METHODS = tuple(lor2c_hf.METHODS)
 MERGE_METHODS = ("mergelor2c", "imlor2c")
@@ -168,19 +167,15 @@ class RecipeArgumentParser(HfArgumentParser):
 
 
 def draw_structure(model: torch.nn.Module, output_dir: str, title: str) -> Optional[str]:
-    """Draw a LoR2C-family adapter's structure to `output_dir/structure.png`; its path, or None for other
-    adapters (LoRA, ResLoRA) and when matplotlib (the `plot` extra) is not installed."""
-    from lor2c_hf.callback import unwrap_lor2c
+    """`lor2c_hf.plotting.save_structure_picture` for the adapter inside a Trainer's (possibly wrapped) model."""
+    from lor2c_hf.callback import unwrap_adapter
+    from lor2c_hf.plotting import save_structure_picture
 
     try:
-        adapter = unwrap_lor2c(model)
-    except TypeError:
+        adapter = unwrap_adapter(model)
+    except TypeError:  # PEFT LoRA: no structure
         return None
-    if importlib.util.find_spec("matplotlib") is None:
-        print('[recipe] no structure picture: matplotlib is not installed (pip install "lor2c-hf[plot]")', flush=True)
-        return None
-    os.makedirs(output_dir, exist_ok=True)
-    return lor2c_hf.plot_structure(adapter, os.path.join(output_dir, STRUCTURE_PICTURE), title=title)
+    return save_structure_picture(adapter, output_dir, title=title)
 
 
 def world_size_from_env() -> int:
