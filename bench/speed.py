@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import multiprocessing
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional
 
@@ -30,7 +32,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from bench_utils import environment, interleaved_timing, write_json
+from bench_utils import environment, interleaved_timing, synchronize, write_json
 from lor2c_hf import LoR2CConfig, ResLoRAConfig, get_lor2c_model, get_reslora_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -126,6 +128,38 @@ def reslora(res_flag: str, pre_num: int) -> Callable[[nn.Module, Shape], nn.Modu
     return build
 
 
+class NaiveConnection(nn.Module):
+    """LoR2C written the obvious way: `nn.Linear` A and B and `nn.Dropout`, added by a forward hook."""
+
+    def __init__(self, hidden: int, r: int, alpha: int) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(DROPOUT)
+        self.lora_A = nn.Linear(hidden, r, bias=False)
+        self.lora_B = nn.Linear(r, hidden, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / r
+
+    def hook(self, block: nn.Module, args: tuple, kwargs: dict, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return output + delta if torch.is_tensor(output) else (output[0] + delta, *output[1:])
+
+
+def naive_hooks(model: nn.Module, shape: Shape) -> nn.Module:
+    """The naive forward-hook LoR2C the issue's speed target refers to; it uses nothing from lor2c_hf.
+
+    It is here as the floor's witness: what the plain implementation costs on this machine and shape, in
+    the same run as lor2c_hf's LoR2C and PEFT LoRA.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    connections = nn.ModuleList(NaiveConnection(shape.hidden, shape.r, shape.alpha) for _ in model.model.layers)
+    for block, connection in zip(model.model.layers, connections):
+        block.register_forward_hook(connection.hook, with_kwargs=True)
+    model.naive_connections = connections  # registers A and B as the model's (trainable) parameters
+    return model
+
+
 def frozen_base(model: nn.Module, shape: Shape) -> nn.Module:
     """No adapter: forward and backward down to the embeddings' output.
 
@@ -147,6 +181,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "peft_lora": Method("PEFT LoRA (q,v)", peft_lora),
     "lor2c": Method("LoR2C", lor2c("lor2c")),
+    "naive_hooks": Method("naive hook LoR2C (not lor2c_hf)", naive_hooks),
     "sharelor2c": Method("ShareLoR2C", lor2c("sharelor2c")),
     "imlor2c": Method("IMLoR2C after events (M=N=L/4)", imlor2c_after_events),
     "our_lora": Method("our LoRA (q,v; ResLoRA p=0)", reslora("bs", 0)),
@@ -246,6 +281,97 @@ def cuda_step_peak_bytes(trainee: Trainee, input_ids: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def batch_input_ids(shape: Shape, device: str) -> torch.Tensor:
+    """The one batch every method trains on (the same in every process)."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(3, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
+
+
+def build_trainee(name: str, base: nn.Module, shape: Shape) -> Trainee:
+    torch.manual_seed(1)  # each adapter's init (and so IMLoR2C's SFS decisions) independent of the others
+    return Trainee(name, METHODS[name].build(sharing_copy(base), shape))
+
+
+def measure(trainee: Trainee, input_ids: torch.Tensor, device: str) -> dict:
+    """Everything but the step time: saved activations, FLOPs, parameters, structure, CUDA peak."""
+    row = {"saved_activations_bytes": saved_activation_bytes(trainee, input_ids),
+           "step_flops": step_flops(trainee, input_ids),
+           "trainable_parameters": active_parameters(trainee),
+           "allocated_trainable_parameters": sum(p.numel() for p in trainee.params)}
+    if "spans" in getattr(trainee.model, "structure", {}):  # the LoR2C family (ResLoRA's structure has no spans)
+        row["structure"] = {k: trainee.model.structure[k] for k in ("spans", "injected")}
+    if device == "cuda":
+        row["cuda_peak_step_bytes"] = cuda_step_peak_bytes(trainee, input_ids)
+    return row
+
+
+def shared_process_timing(args: argparse.Namespace, shape: Shape, base: nn.Module) -> tuple[dict, dict]:
+    """Every method in this process, on views of the same base weights."""
+    input_ids = batch_input_ids(shape, args.device)
+    trainees = {name: build_trainee(name, base, shape) for name in args.methods}
+    timing = interleaved_timing({n: (lambda t=t: t.step(input_ids)) for n, t in trainees.items()},
+                                args.warmup, args.repeats, args.device)
+    return timing, {n: measure(t, input_ids, args.device) for n, t in trainees.items()}
+
+
+def method_worker(connection, name: str, shape: Shape, device: str, threads: Optional[int]) -> None:
+    """One method in a process of its own: build (same seed, so the same base weights), then serve steps."""
+    if threads:
+        torch.set_num_threads(threads)
+    trainee = build_trainee(name, build_base(shape, device), shape)
+    input_ids = batch_input_ids(shape, device)
+    connection.send("ready")
+    while (command := connection.recv()) != "stop":
+        if command == "step":
+            gc.collect()
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            trainee.step(input_ids)
+            synchronize(device)
+            connection.send((time.perf_counter() - start, time.process_time() - start_cpu))
+        else:  # "measure"
+            connection.send(measure(trainee, input_ids, device))
+
+
+def isolated_timing(args: argparse.Namespace, shape: Shape) -> tuple[dict, dict]:
+    """One worker process per method, driven one step at a time in the same rotating order.
+
+    Each process holds one model, as a training job does, so no method runs on a heap or allocator state
+    left by the others; the step times are taken inside the workers.
+    """
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose thread pools have run
+    workers = {}
+    for name in args.methods:
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=method_worker, args=(child_end, name, shape, args.device, args.threads),
+                                  daemon=True)
+        process.start()
+        workers[name] = (parent_end, process)
+    try:
+        for name, (connection, _) in workers.items():
+            if connection.recv() != "ready":
+                raise RuntimeError(f"worker for {name} did not start")
+
+        def step(connection) -> tuple[float, float]:
+            connection.send("step")
+            return connection.recv()
+
+        timing = interleaved_timing({n: (lambda c=c: step(c)) for n, (c, _) in workers.items()},
+                                    args.warmup, args.repeats, args.device)
+        measured = {}
+        for name, (connection, _) in workers.items():
+            connection.send("measure")
+            measured[name] = connection.recv()
+        return timing, measured
+    finally:
+        for connection, process in workers.values():
+            try:
+                connection.send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+            process.join(timeout=60)
+
+
 # --- generation ------------------------------------------------------------------------------------------
 
 def generation_models(base: nn.Module, shape: Shape) -> dict[str, nn.Module]:
@@ -341,6 +467,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: the shape's)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    p.add_argument("--isolate", action="store_true",
+                   help="train each method in its own worker process (as a user would), still interleaved step by "
+                        "step; without it all methods share one process, heap and allocator state")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--batch", type=int, default=None)
@@ -376,31 +505,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     base = build_base(shape, device)
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
-    trainees = {}
-    for name in args.methods:
-        torch.manual_seed(1)  # each adapter's init (and so IMLoR2C's SFS decisions) independent of the others
-        trainees[name] = Trainee(name, METHODS[name].build(sharing_copy(base), shape))
-    print(f"[speed] {device}, {shape}, threads {torch.get_num_threads()}, methods {args.methods}", file=sys.stderr)
+    torch.randint(3, shape.vocab, (shape.batch, shape.seq), generator=generator)  # past the training batch
+    print(f"[speed] {device}, {shape}, threads {torch.get_num_threads()}, methods {args.methods}, "
+          f"{'one process per method' if args.isolate else 'all methods in one process'}", file=sys.stderr)
 
-    timing = interleaved_timing({n: (lambda t=t: t.step(input_ids)) for n, t in trainees.items()},
-                                 args.warmup, args.repeats, device)
+    if args.isolate:
+        timing, measured = isolated_timing(args, shape)
+    else:
+        timing, measured = shared_process_timing(args, shape, base)
     rows: dict[str, dict] = {}
-    for name, t in trainees.items():
+    for name in args.methods:
         rows[name] = {
             "label": METHODS[name].label,
             "step_time_s": timing[name]["wall"]["median"], "step_time_q1_s": timing[name]["wall"]["q1"],
             "step_time_q3_s": timing[name]["wall"]["q3"], "step_cpu_time_s": timing[name]["cpu"]["median"],
-            "steps_timed": timing[name]["n"],
-            "saved_activations_bytes": saved_activation_bytes(t, input_ids),
-            "step_flops": step_flops(t, input_ids),
-            "trainable_parameters": active_parameters(t),
-            "allocated_trainable_parameters": sum(p.numel() for p in t.params),
+            "steps_timed": timing[name]["n"], **measured[name],
         }
-        if "spans" in getattr(t.model, "structure", {}):  # the LoR2C family (ResLoRA's structure has no spans)
-            rows[name]["structure"] = {k: t.model.structure[k] for k in ("spans", "injected")}
-        if device == "cuda":
-            rows[name]["cuda_peak_step_bytes"] = cuda_step_peak_bytes(t, input_ids)
     ref = rows[REFERENCE]
     for row in rows.values():
         for metric, key in (("step_time", "step_time_s"), ("step_cpu_time", "step_cpu_time_s"),
@@ -408,7 +528,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
                             ("cuda_peak_step", "cuda_peak_step_bytes")):
             if key in row:
                 row[f"{metric}_ratio"] = row[key] / ref[key]
-    del trainees
     gc.collect()
 
     generation = None
@@ -428,6 +547,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result = {
         "benchmark": "speed", "device": device, "smoke": args.smoke, "shape": asdict(shape), "dropout": DROPOUT,
         "reference": REFERENCE, "warmup": args.warmup, "repeats": args.repeats, "environment": environment(device),
+        "processes": "one per method" if args.isolate else "one for all methods",
         "rows": rows, "generation": generation,
     }
     result["targets"] = target_checks(rows, generation, device)
