@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -24,13 +24,21 @@ def quartiles(values: list[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3}
 
 
-def interleaved_timing(runs: dict[str, Callable[[], Optional[tuple[float, float]]]], warmup: int, repeats: int,
+class ElapsedElsewhere(NamedTuple):
+    """What a callable returns when its work ran in another process: that process's wall and CPU seconds."""
+
+    wall: float
+    cpu: float
+
+
+def interleaved_timing(runs: dict[str, Callable[[], object]], warmup: int, repeats: int,
                        device: str) -> dict[str, dict]:
     """Run every callable `warmup + repeats` times, one of each per round in a rotating order.
 
     Returns wall-clock and process CPU-time quartiles per callable. On a shared CPU the CPU time (with one
     thread) is the steadier measure of the work done; the wall clock is what a user waits. A callable that
-    runs its work in another process returns that process's (wall, cpu) seconds, which are used instead.
+    runs its work in another process returns an `ElapsedElsewhere`, which is used instead of this process's
+    clocks; any other return value is ignored.
     """
     names = list(runs)
     wall: dict[str, list[float]] = {n: [] for n in names}
@@ -48,7 +56,7 @@ def interleaved_timing(runs: dict[str, Callable[[], Optional[tuple[float, float]
                 synchronize(device)
                 elapsed = (time.perf_counter() - start, time.process_time() - start_cpu)
                 if round_ >= warmup:
-                    wall_s, cpu_s = measured if measured is not None else elapsed
+                    wall_s, cpu_s = measured if isinstance(measured, ElapsedElsewhere) else elapsed
                     wall[name].append(wall_s)
                     cpu[name].append(cpu_s)
     finally:

@@ -1,10 +1,12 @@
 """Training-step time, activations saved for backward, and generation speed of LoR2C against PEFT LoRA.
 
-Every method wraps the same base weights (shared, frozen), trains on the same batch with the same dropout
-(0.05, the paper's LLaMA setting) and rank, and runs interleaved with the others in one process: each
-repeat runs one step of every method in a rotating order, and the median after warm-up is reported as a
-ratio to PEFT LoRA on q and v. Activations are counted by `torch.autograd.graph.saved_tensors_hooks` as the
-unique storage bytes of the tensors autograd saves, parameters and buffers excluded (plus the CUDA peak on
+Every method wraps the same base weights (same seed; frozen), trains on the same batch with the same dropout
+(0.05, the paper's LLaMA setting) and rank, on the CPU in a worker process of its own (as a training job
+would; with `--shared-process`, and always on CUDA, all share this one). The workers are driven one step at a time: each repeat runs one step
+of every method in a rotating order, and the median after warm-up is reported as a ratio to PEFT LoRA on q
+and v. A naive forward-hook LoR2C written without lor2c_hf runs beside ours as the witness of what the plain
+implementation costs on the machine. Activations are counted by `torch.autograd.graph.saved_tensors_hooks`
+as the unique storage bytes of the tensors autograd saves, parameters and buffers excluded (plus the CUDA peak on
 a GPU). Generation is greedy with KV cache and a fixed number of new tokens.
 
     python bench/speed.py --threads 1           # CPU, Llama shape d=512, 8 blocks, seq 128, batch 4, r=8
@@ -32,7 +34,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from bench_utils import environment, interleaved_timing, synchronize, write_json
+from bench_utils import ElapsedElsewhere, environment, interleaved_timing, synchronize, write_json
 from lor2c_hf import LoR2CConfig, ResLoRAConfig, get_lor2c_model, get_reslora_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -352,9 +354,9 @@ def isolated_timing(args: argparse.Namespace, shape: Shape) -> tuple[dict, dict]
             if connection.recv() != "ready":
                 raise RuntimeError(f"worker for {name} did not start")
 
-        def step(connection) -> tuple[float, float]:
+        def step(connection) -> ElapsedElsewhere:
             connection.send("step")
-            return connection.recv()
+            return ElapsedElsewhere(*connection.recv())
 
         timing = interleaved_timing({n: (lambda c=c: step(c)) for n, (c, _) in workers.items()},
                                     args.warmup, args.repeats, args.device)
@@ -467,9 +469,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: the shape's)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
-    p.add_argument("--isolate", action="store_true",
-                   help="train each method in its own worker process (as a user would), still interleaved step by "
-                        "step; without it all methods share one process, heap and allocator state")
+    p.add_argument("--shared-process", action="store_true",
+                   help="train every method in this one process (faster to start, but the methods then share a heap "
+                        "and allocator state, which moved PEFT LoRA's step by up to 16%%); by default each method "
+                        "trains in its own worker process, as a user's job would, still interleaved step by step "
+                        "(on CUDA always one process: each worker would need its own copy of the weights)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--batch", type=int, default=None)
@@ -482,6 +486,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default bench/results/speed_<device>.json)")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    # On CUDA every worker would hold its own copy of the 7B weights (13 GB each): share one process there.
+    args.isolate = not args.shared_process and args.device == "cpu"
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; known: {list(METHODS)}")
@@ -490,7 +496,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.smoke:
-        args.warmup, args.repeats, args.gen_tokens, args.gen_prompt, args.gen_repeats = 1, 2, 4, 4, 2
+        args.warmup, args.repeats, args.gen_prompt, args.gen_repeats = 1, 2, 4, 2
+        args.gen_tokens = min(args.gen_tokens, 4)
     return args
 
 

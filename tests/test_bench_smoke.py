@@ -27,7 +27,7 @@ def run_script(name: str, out: str, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def speed(tmp_path_factory) -> dict:
-    return run_script("speed.py", str(tmp_path_factory.mktemp("bench") / "speed.json"))
+    return run_script("speed.py", str(tmp_path_factory.mktemp("bench") / "speed.json"), "--shared-process")
 
 
 def test_speed_rows_and_ratios(speed):
@@ -72,9 +72,9 @@ def test_speed_generation_and_targets(speed):
 
 
 def test_speed_isolated_workers_measure_the_same_models(speed, tmp_path):
-    """--isolate: one spawned process per method; same parameters, structure and FLOPs as the shared run."""
+    """The default: one spawned process per method; same parameters, structure and FLOPs as the shared run."""
     names = ["peft_lora", "lor2c", "imlor2c"]
-    isolated = run_script("speed.py", str(tmp_path / "speed.json"), "--isolate", "--gen-tokens", "0",
+    isolated = run_script("speed.py", str(tmp_path / "speed.json"), "--gen-tokens", "0",
                           "--methods", ",".join(names))
     assert isolated["processes"] == "one per method" and isolated["generation"] is None
     assert list(isolated["rows"]) == names
