@@ -27,6 +27,11 @@ def broadcast_decision(decision: Any) -> Any:
     return box[0]
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of `param` as the model defines it; a ZeRO-3 partitioned parameter holds none locally."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 @contextlib.contextmanager
 def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Full values of ZeRO-3 partitioned `params` inside the block; a no-op for ordinary tensors."""

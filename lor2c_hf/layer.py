@@ -3,6 +3,7 @@
 Every parameter that a structure change could ever activate is allocated when the adapter is created, so the
 optimizer built by `Trainer` (and any DDP or ZeRO-3 partitioning of it) never has to change: merges and injects
 only decide which slots the forward pass reads. A slot that is not read gets no gradient, so AdamW skips it.
+Parameters read outside their owner's own forward are listed by `external_parameters()` for ZeRO-3.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ class LoraLayer(nn.Module):
     baseline.
     """
 
-    _z3_leaf = True  # DeepSpeed ZeRO-3: gather lora_A and lora_B together when this module is called
-
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -65,6 +64,10 @@ class LoraLayer(nn.Module):
         """The dense update `scaling * B A` (out x in), for merging into the base weight."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """`lora_B.weight` is read by this module's forward, not by a call of `lora_B` (see `zero3.py`)."""
+        return [(self, self.lora_B.weight)]
+
 
 def merge_into_projection(module: nn.Module, delta_weight: torch.Tensor) -> None:
     """Add a dense update `delta_weight` (out x in) to a projection's weight in place, in float32.
@@ -83,21 +86,36 @@ def merge_into_projection(module: nn.Module, delta_weight: torch.Tensor) -> None
         weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
 
 
+class ConnectionCall(nn.Module):
+    """One slot's connection as a call: `base + scaling * B A dropout(x)` with that slot's A and B passed in.
+
+    It owns no parameters. Each slot has its own call module, called once per forward pass, so DeepSpeed
+    ZeRO-3 can gather exactly that slot's A and B around the call, forward and backward (they are declared
+    as the module's external parameters, see `zero3.py`). One module called once per span would not do:
+    ZeRO-3 reduces a module's gradients once per call.
+    """
+
+    def __init__(self, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.scaling = scaling
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = x.to(a.dtype)
+        return add_scaled_up_projection(base, F.linear(self.lora_dropout(x) if self.training else x, a), b, self.scaling)
+
+
 class LoR2CConnections(nn.Module):
     """All low-rank residual connections of one model: slot i holds `A_i` (r x d) and `B_i` (d x r).
 
     With `share_a` there is one A for every slot (ShareLoR2C). Calling the module with `(slot, x, base)`
-    returns `base + scaling * B_slot A_slot dropout(x)`; it is called as a module so DeepSpeed ZeRO-3
-    gathers its parameters around the call.
+    returns `base + scaling * B_slot A_slot dropout(x)`, through that slot's `ConnectionCall`.
     """
-
-    _z3_leaf = True  # DeepSpeed ZeRO-3: the slots live in ParameterLists; gather them when this module is called
 
     def __init__(self, num_slots: int, d: int, r: int, alpha: float, dropout: float, share_a: bool,
                  device=None, dtype=None) -> None:
         super().__init__()
         self.d, self.r, self.scaling, self.share_a = d, r, alpha / r, share_a
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         num_a = 1 if share_a else num_slots
         self.lora_A = nn.ParameterList(
             [nn.Parameter(torch.empty(r, d, device=device, dtype=dtype)) for _ in range(num_a)]
@@ -107,16 +125,18 @@ class LoR2CConnections(nn.Module):
         )
         for a in self.lora_A:
             _kaiming_(a)
+        self.calls = nn.ModuleList(ConnectionCall(self.scaling, dropout) for _ in range(num_slots))
 
     def a_of(self, slot: int) -> nn.Parameter:
         return self.lora_A[0 if self.share_a else slot]
 
     def forward(self, slot: int, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """`base + scaling * B A dropout(x)` for `slot`: a block's output with this connection added (fused)."""
-        a = self.a_of(slot)
-        x = x.to(a.dtype)
-        return add_scaled_up_projection(base, F.linear(self.lora_dropout(x) if self.training else x, a),
-                                        self.lora_B[slot], self.scaling)
+        return self.calls[slot](x, base, self.a_of(slot), self.lora_B[slot])
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """Each slot's A and B belong to the ParameterLists but are read by the slot's call (see `zero3.py`)."""
+        return [(call, p) for slot, call in enumerate(self.calls) for p in (self.a_of(slot), self.lora_B[slot])]
 
 
 class InjectedLoRA(nn.Module):
@@ -134,6 +154,9 @@ class InjectedLoRA(nn.Module):
 
     def layers_of(self, block: int) -> dict[str, LoraLayer]:
         return {_name(key): layer for key, layer in self.blocks[block].items()}
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        return [pair for block in self.blocks for layer in block.values() for pair in layer.external_parameters()]
 
 
 def _key(module_name: str) -> str:

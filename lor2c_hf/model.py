@@ -15,10 +15,11 @@ from torch import nn
 
 from . import architectures as arch
 from .config import ConfigError, LoR2CConfig
-from .distributed import broadcast_decision, gathered
+from .distributed import broadcast_decision, full_numel, gathered
 from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, hidden_input, hidden_output, merge_into_projection, with_hidden_output
 from .serialization import AdapterIOMixin
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
+from .zero3 import ExternalParameterDeclarations
 from .sfs import SFSScores, sfs_scores
 from .structure import Structure
 
@@ -65,9 +66,13 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         self._stash: dict[int, torch.Tensor] = {}
         self._inject_hooks: list[Any] = []
         self._merged_into_base = False
+        injected = [self.lor2c_injected] if self._targets else []
+        self._zero3 = ExternalParameterDeclarations(
+            self.lor2c.lora_B[0], lambda: [pair for m in [self.lor2c, *injected] for pair in m.external_parameters()])
         self._block_hooks = [
-            block.register_forward_hook(self._make_block_hook(i), with_kwargs=True)
-            for i, block in enumerate(self._blocks)
+            self._blocks[0].register_forward_pre_hook(self._zero3.declare_once),
+            *(block.register_forward_hook(self._make_block_hook(i), with_kwargs=True)
+              for i, block in enumerate(self._blocks)),
         ]
         self._rebuild_plan()
         self.train(model.training)  # new adapter modules follow the base's mode (no dropout on an eval-mode base)
@@ -201,13 +206,13 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def num_adapter_parameters(self) -> int:
         """Parameters of the connections and injected LoRA the current structure reads (task heads excluded)."""
         s, conn = self._structure, self.lor2c
-        total = sum(conn.lora_B[slot].numel() for slot in s.owners)
+        total = sum(full_numel(conn.lora_B[slot]) for slot in s.owners)
         if conn.share_a:
-            total += conn.lora_A[0].numel()
+            total += full_numel(conn.lora_A[0])
         else:
-            total += sum(conn.lora_A[slot].numel() for slot in s.owners)
+            total += sum(full_numel(conn.lora_A[slot]) for slot in s.owners)
         for block in [] if self._merged_into_base else s.injected:
-            total += sum(p.numel() for p in self.lor2c_injected.blocks[block].parameters())
+            total += sum(full_numel(p) for p in self.lor2c_injected.blocks[block].parameters())
         return total
 
     def merge_and_unload(self) -> "LoR2CModel":

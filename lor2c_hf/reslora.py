@@ -34,10 +34,12 @@ from torch.nn import functional as F
 
 from . import architectures as arch
 from .config import ConfigError
+from .distributed import full_numel
 from .layer import InjectedLoRA, LoraLayer, add_scaled_up_projection, merge_into_projection
 from .reslora_config import ResLoRAConfig
 from .serialization import AdapterIOMixin, AdapterLoadError
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
+from .zero3 import ExternalParameterDeclarations
 
 logger = logging.getLogger("lor2c_hf")
 
@@ -99,6 +101,8 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
             self._targets[b][n].register_forward_hook(partial(self._projection_hook, b, t))
             for b in range(self.num_blocks) for t, n in enumerate(self.target_names)
         ]
+        self._zero3 = ExternalParameterDeclarations(self._layers[0][0].lora_B.weight, self._external_parameters)
+        self._hooks.append(blocks[0].register_forward_pre_hook(self._zero3.declare_once))
         if config.res_flag in ("is", "ms"):
             self._hooks.append(blocks[0].register_forward_pre_hook(self._begin_forward, with_kwargs=True))
             self._hooks += [block.register_forward_hook(partial(self._end_block, b)) for b, block in enumerate(blocks)]
@@ -173,6 +177,21 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
                 self.reslora.record_input(block, target, x)
         return result
 
+    def _external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """What the projection hooks read outside a `LoraLayer` call: `ms` this layer's B, `bs` every A and B
+        of the shortcut (see `zero3.py`); plus each `LoraLayer`'s own B."""
+        reads = [pair for row in self._layers for layer in row for pair in layer.external_parameters()]
+        flag = self.reslora_config.res_flag
+        for b in range(self.num_blocks):
+            for t, name in enumerate(self.target_names):
+                projection = self._targets[b][name]
+                if flag == "ms":
+                    reads.append((projection, self._layers[b][t].lora_B.weight))
+                elif flag == "bs" and len(self._shortcut_layers(b, t)) > 1:
+                    reads += [(projection, p) for layer in self._shortcut_layers(b, t)
+                              for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        return reads
+
     def _shortcut_layers(self, block: int, target: int) -> list[LoraLayer]:
         """The LoRA of this block and of the pre_num blocks below it (bs)."""
         return [self._layers[block - k][target] for k in range(min(self.reslora_config.pre_num, block) + 1)]
@@ -222,7 +241,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
 
     def num_adapter_parameters(self) -> int:
         """LoRA parameters (the norms are statistics, not parameters): sum over blocks and targets of r (in + out)."""
-        return sum(p.numel() for p in self.reslora.parameters())
+        return sum(full_numel(p) for p in self.reslora.parameters())
 
     # --- merging -------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .distributed import full_numel
 
 
 def adapter_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -86,9 +87,9 @@ class AdapterModelMixin:
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total): active adapter parameters plus `modules_to_save`, and the base model's count."""
         heads = dict(self.base_model.named_modules())
-        head_params = sum(p.numel() for name in self.adapter_config.modules_to_save or [] for p in heads[name].parameters())
+        head_params = sum(full_numel(p) for name in self.adapter_config.modules_to_save or [] for p in heads[name].parameters())
         adapter = self.num_adapter_parameters()
-        base = sum(p.numel() for p in self.base_model.parameters())
+        base = sum(full_numel(p) for p in self.base_model.parameters())
         return adapter + head_params, base + adapter
 
     def print_trainable_parameters(self) -> None:
