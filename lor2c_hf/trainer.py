@@ -71,6 +71,18 @@ class LoR2CTrainer(Trainer):
             params = inspect.signature(self.lor2c_model.get_base_model().forward).parameters
             self._signature_columns = list(params) + list({"label", "label_ids", *self.label_names})
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Under DeepSpeed, save the adapter without first consolidating the whole model on rank 0.
+
+        `Trainer` gathers every weight of a non-PEFT model into one 16-bit state dict before `_save` (13.5 GB
+        for LLaMA2-7B) and `_save` would ignore it: every rank joins the adapter's own gather instead.
+        """
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir or self.args.output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """Write only the adapter (config, weights, structure), plus tokenizer and training arguments."""
         output_dir = output_dir or self.args.output_dir
