@@ -27,6 +27,13 @@ def broadcast_decision(decision: Any) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers of `module` on every rank, as DDP keeps them (DeepSpeed does not sync buffers)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def full_numel(param: torch.Tensor) -> int:
     """Elements of `param` as the model defines it; a ZeRO-3 partitioned parameter holds none locally."""
     return getattr(param, "ds_numel", None) or param.numel()

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from . import architectures as arch
 from .config import ConfigError
-from .distributed import full_numel
+from .distributed import broadcast_buffers, full_numel
 from .layer import InjectedLoRA, LoraLayer, add_scaled_up_projection, merge_into_projection
 from .reslora_config import ResLoRAConfig
 from .serialization import AdapterIOMixin, AdapterLoadError
@@ -242,6 +242,12 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def num_adapter_parameters(self) -> int:
         """LoRA parameters (the norms are statistics, not parameters): sum over blocks and targets of r (in + out)."""
         return sum(full_numel(p) for p in self.reslora.parameters())
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors, with rank 0's running input norms on every rank first (a collective when
+        distributed: DDP keeps buffers in step, DeepSpeed does not, and each rank sees other data)."""
+        broadcast_buffers(self.reslora)
+        return super().adapter_state_dict()
 
     # --- merging -------------------------------------------------------------------------------------------
 
