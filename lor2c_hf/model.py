@@ -8,6 +8,7 @@ projections. Merges and injects change only which slots those hooks read (see `l
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, Optional, Union
 
 import torch
@@ -66,12 +67,11 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         self._stash: dict[int, torch.Tensor] = {}
         self._inject_hooks: list[Any] = []
         self._merged_into_base = False
-        injected = [self.lor2c_injected] if self._targets else []
-        self._zero3 = ExternalParameterDeclarations(
-            self.lor2c.lora_B[0], lambda: [pair for m in [self.lor2c, *injected] for pair in m.external_parameters()])
+        # Hooks are bound methods and partials, never closures, so `copy.deepcopy` of this model hooks the copy.
+        self._zero3 = ExternalParameterDeclarations(self.lor2c.lora_B[0], self._external_parameters)
         self._block_hooks = [
             self._blocks[0].register_forward_pre_hook(self._zero3.declare_once),
-            *(block.register_forward_hook(self._make_block_hook(i), with_kwargs=True)
+            *(block.register_forward_hook(partial(self._block_hook, i), with_kwargs=True)
               for i, block in enumerate(self._blocks)),
         ]
         self._rebuild_plan()
@@ -108,20 +108,22 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         for block in [] if self._merged_into_base else s.injected:
             for name, layer in self.lor2c_injected.layers_of(block).items():
                 module = self._targets[block][name]
-                self._inject_hooks.append(module.register_forward_hook(_lora_hook(layer)))
+                self._inject_hooks.append(module.register_forward_hook(partial(_add_lora, layer)))
 
-    def _make_block_hook(self, index: int):
-        def hook(module, args, kwargs, output):
-            if index in self._multi_starts:
-                self._stash[index] = hidden_input(args, kwargs)
-            end = self._ends.get(index)
-            if end is None:
-                return output
-            start, slot = end
-            x = hidden_input(args, kwargs) if start == index else self._stash.pop(start)
-            return with_hidden_output(output, self.lor2c(slot, x, hidden_output(output)))
+    def _block_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if index in self._multi_starts:
+            self._stash[index] = hidden_input(args, kwargs)
+        end = self._ends.get(index)
+        if end is None:
+            return output
+        start, slot = end
+        x = hidden_input(args, kwargs) if start == index else self._stash.pop(start)
+        return with_hidden_output(output, self.lor2c(slot, x, hidden_output(output)))
 
-        return hook
+    def _external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """Adapter parameters read outside their owner's forward (for ZeRO-3, see `zero3.py`)."""
+        modules = [self.lor2c, self.lor2c_injected] if self._targets else [self.lor2c]
+        return [pair for module in modules for pair in module.external_parameters()]
 
     # --- structure -----------------------------------------------------------------------------------------
 
@@ -253,11 +255,9 @@ def describe_event(record: dict[str, Any]) -> str:
             f"(SFS {record['scores'][0]:.4f}); {params}")
 
 
-def _lora_hook(layer: LoraLayer):
-    def hook(module, args, output):
-        return layer(args[0], output)
-
-    return hook
+def _add_lora(layer: LoraLayer, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an injected projection: its output with `layer`'s LoRA delta added."""
+    return layer(args[0], output)
 
 
 def get_lor2c_model(model: nn.Module, config: LoR2CConfig) -> LoR2CModel:

@@ -334,3 +334,35 @@ def test_fused_low_rank_add_equals_separate_ops(case):
     grad_out = weights.to(base.dtype).float()  # the gradient reaching the sum, in the output's precision
     torch.testing.assert_close(h.grad, 2.5 * grad_out @ b.detach())
     torch.testing.assert_close(b.grad, 2.5 * grad_out.reshape(-1, 16).t() @ h.detach().reshape(-1, 4))
+
+
+@pytest.mark.parametrize("method", ["imlor2c", "reslora"])
+def test_deepcopy_hooks_the_copy(method):
+    """`copy.deepcopy` of a wrapped model gives an independent model: its hooks read its own adapter."""
+    from lor2c_hf import ResLoRAConfig, get_reslora_model
+
+    if method == "reslora":
+        model = get_reslora_model(tiny_model("llama", num_layers=4), ResLoRAConfig(r=2, lora_alpha=4, res_flag="is"))
+    else:
+        model = get_lor2c_model(tiny_model("llama", num_layers=4),
+                                LoR2CConfig.for_method("imlor2c", r=2, lora_alpha=4, num_merges=1, num_injects=1))
+        model.apply_merge()
+        model.apply_inject()
+    model.eval()
+    ids = random_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(input_ids=ids).logits, before)
+        for name, p in twin.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+        changed = twin(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert (changed - before).abs().max() > 1e-3  # the copy's hooks read the copy's (new) weights
+    torch.testing.assert_close(after, before)  # and the original is untouched
+    if method == "imlor2c":
+        twin.apply_inject()
+        assert model.structure["injected"] != twin.structure["injected"]
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, before)
