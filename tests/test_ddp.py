@@ -6,8 +6,8 @@ Why `--multi_gpu` on a machine without GPUs: in accelerate 1.x, `--cpu` always t
 (it ignores --num_processes); `--multi_gpu` starts torchrun, and the recipe switches its processes to CPU and
 gloo when no CUDA device is visible. Dropout is 0 and sampling sequential, so both runs see the same batches.
 
-ZeRO-3 runs only where DeepSpeed is installed (`pip install -e ".[deepspeed]"`; it is not in the CI install),
-with `accelerate_configs/deepspeed_zero3.yaml` as shipped, on DeepSpeed's CPU accelerator (see
+ZeRO-2 and ZeRO-3 run only where DeepSpeed is installed (`pip install -e ".[deepspeed]"`; it is not in the CI
+install), with `accelerate_configs/deepspeed_zero{2,3}.yaml` as shipped, on DeepSpeed's CPU accelerator (see
 `tests/deepspeed_cpu/sitecustomize.py` for the one DeepSpeed CPU bug worked around).
 """
 
@@ -28,8 +28,8 @@ SCRIPT = os.path.join(REPO, "recipes", "alpaca.py")
 SAMPLE = os.path.join(REPO, "tests", "data", "alpaca_seed_sample.jsonl")
 RANK_LINE = re.compile(r"^\[rank (\d+)/(\d+)\] adapter sha256=([0-9a-f]{64}) structure=(.*)$", re.M)
 DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-ZERO3 = ["--config_file", os.path.join(REPO, "accelerate_configs", "deepspeed_zero3.yaml"), "--num_processes", "2",
-         "--mixed_precision", "no"]
+ZERO = {stage: ["--config_file", os.path.join(REPO, "accelerate_configs", f"deepspeed_{stage}.yaml"), "--num_processes",
+                "2", "--mixed_precision", "no"] for stage in ("zero2", "zero3")}
 
 
 def read_adapter(directory: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -92,7 +92,7 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     assert any(t.abs().sum() > 0 for t in trained_b), "training did not move any B away from zero"
 
 
-def zero3_env() -> dict[str, str]:
+def deepspeed_env() -> dict[str, str]:
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
     if torch.cuda.is_available():
         return {}
@@ -100,14 +100,16 @@ def zero3_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH", "")]))}
 
 
-@pytest.mark.parametrize("method,extra_args", [("lor2c", ()), ("sharelor2c", ()),
-                                               ("reslora", ("--res_flag", "ms", "--pre_num", "2")),
-                                               ("reslora", ("--res_flag", "bs", "--pre_num", "2"))],
-                         ids=["lor2c", "sharelor2c", "reslora-ms", "reslora-bs"])
-def test_zero3_two_processes_train_exactly_like_one(tmp_path, method, extra_args):
+@pytest.mark.parametrize("stage,method,extra_args", [
+    ("zero3", "lor2c", ()), ("zero3", "sharelor2c", ()),
+    ("zero3", "reslora", ("--res_flag", "ms", "--pre_num", "2")), ("zero3", "reslora", ("--res_flag", "bs", "--pre_num", "2")),
+    ("zero2", "lor2c", ()),
+], ids=["zero3-lor2c", "zero3-sharelor2c", "zero3-reslora-ms", "zero3-reslora-bs", "zero2-lor2c"])
+def test_zero_two_processes_train_exactly_like_one(tmp_path, stage, method, extra_args):
     """ZeRO-3 partitions every adapter parameter; the connections (and ResLoRA's cross-layer reads) must still
-    be gathered, get their gradients reduced once per step and be updated as in one process."""
-    two_dir, one_dir = two_and_one_process_runs(tmp_path, method, ZERO3, extra_args, **zero3_env())
+    be gathered, get their gradients reduced once per step and be updated as in one process. ZeRO-2 shards
+    only gradients and optimizer state."""
+    two_dir, one_dir = two_and_one_process_runs(tmp_path, method, ZERO[stage], extra_args, **deepspeed_env())
     tensors_two, structure_two = read_adapter(two_dir)
     tensors_one, structure_one = read_adapter(one_dir)
     if method != "reslora":
@@ -123,7 +125,7 @@ def test_zero3_imlor2c_events_match_one_process(tmp_path):
     """Under ZeRO-3 SFS reads gathered weights, so the events are the ones one process takes; the weights
     then differ by design: DeepSpeed's AdamW steps one flat buffer, so a LoRA dormant until its inject has
     the whole run's step count in its bias correction, and retired slots drift on their momentum (README)."""
-    two_dir, one_dir = two_and_one_process_runs(tmp_path, "imlor2c", ZERO3, **zero3_env())
+    two_dir, one_dir = two_and_one_process_runs(tmp_path, "imlor2c", ZERO["zero3"], **deepspeed_env())
     tensors_two, structure_two = read_adapter(two_dir)
     tensors_one, structure_one = read_adapter(one_dir)
     assert_same_structure(structure_two, structure_one)
