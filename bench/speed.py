@@ -510,9 +510,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     blocks=args.blocks or shape.blocks)
     device = args.device
 
-    base = build_base(shape, device)
-    generator = torch.Generator().manual_seed(1)
-    torch.randint(3, shape.vocab, (shape.batch, shape.seq), generator=generator)  # past the training batch
+    base = None if args.isolate else build_base(shape, device)  # isolated: the workers build their own
     print(f"[speed] {device}, {shape}, threads {torch.get_num_threads()}, methods {args.methods}, "
           f"{'one process per method' if args.isolate else 'all methods in one process'}", file=sys.stderr)
 
@@ -539,6 +537,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     generation = None
     if args.gen_tokens > 0:
+        if base is None:
+            base = build_base(shape, device)  # the same seed, so the same weights the workers trained on
+        generator = torch.Generator().manual_seed(1)
+        torch.randint(3, shape.vocab, (shape.batch, shape.seq), generator=generator)  # past the training batch
         prompt = torch.randint(3, shape.vocab, (1, args.gen_prompt), generator=generator).to(device)
         models = generation_models(base, shape)
         gen_timing = interleaved_timing({n: generate_runner(m, prompt, args.gen_tokens) for n, m in models.items()},

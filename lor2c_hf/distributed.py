@@ -13,6 +13,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from .zero3 import is_partitioned
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -42,7 +44,7 @@ def full_numel(param: torch.Tensor) -> int:
 @contextlib.contextmanager
 def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Full values of ZeRO-3 partitioned `params` inside the block; a no-op for ordinary tensors."""
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(is_partitioned(p) for p in params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):

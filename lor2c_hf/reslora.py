@@ -180,16 +180,15 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def _external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """What the projection hooks read outside a `LoraLayer` call: `ms` this layer's B, `bs` every A and B
         of the shortcut (see `zero3.py`); plus each `LoraLayer`'s own B."""
-        reads = [pair for row in self._layers for layer in row for pair in layer.external_parameters()]
+        reads = self.reslora.external_parameters()
         flag = self.reslora_config.res_flag
         for b in range(self.num_blocks):
             for t, name in enumerate(self.target_names):
                 projection = self._targets[b][name]
                 if flag == "ms":
                     reads.append((projection, self._layers[b][t].lora_B.weight))
-                elif flag == "bs" and len(self._shortcut_layers(b, t)) > 1:
-                    reads += [(projection, p) for layer in self._shortcut_layers(b, t)
-                              for p in (layer.lora_A.weight, layer.lora_B.weight)]
+                elif flag == "bs" and len(shortcut := self._shortcut_layers(b, t)) > 1:
+                    reads += [(projection, p) for layer in shortcut for p in (layer.lora_A.weight, layer.lora_B.weight)]
         return reads
 
     def _shortcut_layers(self, block: int, target: int) -> list[LoraLayer]:

@@ -21,18 +21,16 @@ from torch import nn
 
 
 def is_partitioned(param: nn.Parameter) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned `param` (it then holds only this rank's shard)."""
     return hasattr(param, "ds_id")
 
 
-def declare_external_parameters(pairs: Iterable[tuple[nn.Module, nn.Parameter]]) -> int:
-    """Register each (module, parameter) read with DeepSpeed; returns how many were registered."""
+def declare_external_parameters(pairs: Iterable[tuple[nn.Module, nn.Parameter]]) -> None:
+    """Register each (module, parameter) read with DeepSpeed."""
     import deepspeed
 
-    count = 0
     for module, param in pairs:
         deepspeed.zero.register_external_parameter(module, param)
-        count += 1
-    return count
 
 
 Reads = Callable[[], Iterable[tuple[nn.Module, nn.Parameter]]]

@@ -35,11 +35,10 @@ class EmulatedZero3:
             module.register_forward_pre_hook(self.gather)
             module.register_forward_hook(self.release)
 
-    def declare(self, pairs) -> int:
+    def declare(self, pairs) -> None:
         for module, param in pairs:
             self.external.setdefault(module, []).append(param)
             self.declared += 1
-        return self.declared
 
     def _params(self, module: nn.Module) -> list[nn.Parameter]:
         return [*module.parameters(recurse=False), *self.external.get(module, [])]
