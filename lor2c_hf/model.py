@@ -44,9 +44,10 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
 
     def __init__(self, model: nn.Module, config: LoR2CConfig) -> None:
         super().__init__()
-        self.base_model = model
+        self._wrap(model)
         self.lor2c_config = config
-        self.blocks_path, self._blocks = arch.find_block_stack(model, config.blocks_path)
+        self.blocks_path, blocks = arch.find_block_stack(model, config.blocks_path)
+        self._blocks = list(blocks)  # a plain list: the blocks are the base's, and its state_dict has them once
         self.num_blocks = len(self._blocks)
         self.hidden_size = arch.hidden_size(model, self._blocks)
         self._validate_against_model()
@@ -86,14 +87,14 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def _validate_against_model(self) -> None:
         c, d, L = self.lor2c_config, self.hidden_size, self.num_blocks
         if c.r > d:
-            raise ConfigError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.base_model).__name__}; expected 1 <= r <= {d}.")
+            raise ConfigError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.get_base_model()).__name__}; expected 1 <= r <= {d}.")
         if c.num_merges > L - 1:
             raise ConfigError(f"LoR2CConfig.num_merges={c.num_merges} but the model has {L} blocks: at most {L - 1} merges are possible.")
         if c.num_injects > L:
             raise ConfigError(f"LoR2CConfig.num_injects={c.num_injects} but the model has {L} blocks: at most {L} injects are possible.")
         if c.num_merges + c.num_injects > L:
             raise ConfigError(f"LoR2CConfig.num_merges + num_injects = {c.num_merges + c.num_injects} exceeds the {L} blocks of the model.")
-        check_modules_to_save(self.base_model, c.modules_to_save, "LoR2CConfig")
+        check_modules_to_save(self.get_base_model(), c.modules_to_save, "LoR2CConfig")
 
     # --- forward -------------------------------------------------------------------------------------------
 
@@ -108,9 +109,15 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         for block in [] if self._merged_into_base else s.injected:
             for name, layer in self.lor2c_injected.layers_of(block).items():
                 module = self._targets[block][name]
-                self._inject_hooks.append(module.register_forward_hook(partial(_add_lora, layer)))
+                self._inject_hooks.append(module.register_forward_hook(partial(self._inject_hook, layer)))
+
+    def _inject_hook(self, layer: LoraLayer, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook of an injected projection: its output with `layer`'s LoRA delta added."""
+        return layer(args[0], output) if self._adapter_enabled else output
 
     def _block_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._adapter_enabled:
+            return output
         if index in self._multi_starts:
             self._stash[index] = hidden_input(args, kwargs)
         end = self._ends.get(index)
@@ -236,7 +243,7 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         for handle in self._block_hooks + self._inject_hooks:
             handle.remove()
         self._block_hooks, self._inject_hooks = [], []
-        return self.base_model
+        return self.get_base_model()
 
 
 def describe_event(record: dict[str, Any]) -> str:
@@ -253,11 +260,6 @@ def describe_event(record: dict[str, Any]) -> str:
                 f"(SFS {sa:.4f} + {sb:.4f}, criterion {record['criterion']}, kept slot {record['kept_slot']}); {params}")
     return (f"[LoR2C] {where} inject: block {record['blocks'][0]} LoR2C -> LoRA on {record['targets']} "
             f"(SFS {record['scores'][0]:.4f}); {params}")
-
-
-def _add_lora(layer: LoraLayer, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook of an injected projection: its output with `layer`'s LoRA delta added."""
-    return layer(args[0], output)
 
 
 def get_lor2c_model(model: nn.Module, config: LoR2CConfig) -> LoR2CModel:

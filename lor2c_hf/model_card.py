@@ -21,9 +21,9 @@ def usage_snippet(model: Any, base_id: Optional[str], repo_id: str) -> str:
     """Python that rebuilds this adapter: the base's own class (task head included) and its number of labels."""
     import transformers
 
-    cls = type(model.base_model).__name__
+    cls = type(model.get_base_model()).__name__
     cls = cls if hasattr(transformers, cls) else "AutoModel"
-    num_labels = getattr(getattr(model.base_model, "config", None), "num_labels", None)
+    num_labels = getattr(getattr(model.get_base_model(), "config", None), "num_labels", None)
     extra = f", num_labels={num_labels}" if cls.endswith("ForSequenceClassification") and num_labels else ""
     source = json.dumps(base_id or "<path or Hub id of the base model>")
     wrapper = type(model).__name__  # LoR2CModel or ResLoRAModel
@@ -73,7 +73,7 @@ def model_card(model: Any, repo_id: str, metrics: Optional[dict[str, float]] = N
     """The card's Markdown; `picture` is the file name of a structure picture stored next to it."""
     config = model.adapter_config
     base_id = hub_base_id(config.base_model_name_or_path)
-    base = config.base_model_name_or_path or type(model.base_model).__name__
+    base = config.base_model_name_or_path or type(model.get_base_model()).__name__
     yaml_base = f"base_model: {base_id}\n" if base_id else ""
     metric_lines = "\n".join(f"- **{k}**: {v}" for k, v in (metrics or {}).items()) or "- (none recorded)"
     return f"""---

@@ -74,7 +74,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
 
     def __init__(self, model: nn.Module, config: ResLoRAConfig) -> None:
         super().__init__()
-        self.base_model = model
+        self._wrap(model)
         self.reslora_config = config
         self.blocks_path, blocks = arch.find_block_stack(model, config.blocks_path)
         self.num_blocks = len(blocks)
@@ -94,7 +94,6 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         ]
         self._freeze_base()
         self._active: Optional[dict] = None  # stash of the forward pass being run or differentiated
-        self._enabled = True
         self._merged_into_base = False
         self.merge_report: Optional[dict[str, Any]] = None
         self._hooks = [
@@ -113,7 +112,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         return self.reslora_config
 
     def _validate_against_model(self, shapes: list[dict[str, tuple[int, int]]]) -> None:
-        c, L, model = self.reslora_config, self.num_blocks, type(self.base_model).__name__
+        c, L, model = self.reslora_config, self.num_blocks, type(self.get_base_model()).__name__
         if c.res_flag == "is" and L < 2:
             raise ConfigError(f"ResLoRAConfig.res_flag='is' reads the previous layer, but {model} has only {L} block.")
         if c.res_flag != "is" and c.pre_num > L - 1:
@@ -152,7 +151,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
             self._active = None
 
     def _projection_hook(self, block: int, target: int, module, args, output):
-        if not self._enabled:
+        if not self._adapter_enabled:
             return output
         x = args[0]
         flag = self.reslora_config.res_flag
@@ -211,9 +210,9 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
         """What `Trainer` calls: checkpoint the base blocks (non-reentrant) with inputs that require grad."""
         self._check_checkpointing(activation_checkpointing_kwargs)
-        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
-        if hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
+        self.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        if hasattr(self.get_base_model(), "enable_input_require_grads"):
+            self.get_base_model().enable_input_require_grads()
 
     def _check_checkpointing(self, kwargs: Optional[dict]) -> None:
         if (kwargs or {}).get("use_reentrant") and self.reslora_config.res_flag in ("is", "ms"):
@@ -293,15 +292,15 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         originals = {key: self._targets[key[0]][key[1]].weight.detach().clone() for key in deltas}
         self.eval()
         try:
-            adapted = _main_output(self.base_model(**inputs))
-            self._enabled = False
-            base = _main_output(self.base_model(**inputs))
+            adapted = _main_output(self.get_base_model()(**inputs))
+            self._adapter_enabled = False
+            base = _main_output(self.get_base_model()(**inputs))
             self._add_to_weights(deltas)
-            merged = _main_output(self.base_model(**inputs))
+            merged = _main_output(self.get_base_model()(**inputs))
         finally:
             for (block, name), weight in originals.items():
                 self._targets[block][name].weight.copy_(weight)
-            self._enabled = True
+            self._adapter_enabled = True
             self.train(was_training)
         error = (merged - adapted).norm()
         return {"res_flag": self.reslora_config.res_flag, "exact": self.reslora_config.res_flag == "bs",
@@ -337,7 +336,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._active = [], None
-        return self.base_model
+        return self.get_base_model()
 
 
 def _main_output(output: Any) -> torch.Tensor:

@@ -22,6 +22,17 @@ from .config import CONFIG_NAME, METHODS, LoR2CConfig
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PREFIXES = ("lor2c.", "lor2c_injected.")
 ADAPTER_CLASSES: dict[str, type] = {}  # method name -> the model class that loads it (filled by subclasses)
+# Task heads (`modules_to_save`) are `model.<name>` in the wrapper and `base_model.<name>` in adapter files (the
+# file format predates the wrapper's `model` attribute and stays as it is).
+HEAD_PREFIX, HEAD_FILE_PREFIX = "model.", "base_model."
+
+
+def to_file_key(key: str) -> str:
+    return HEAD_FILE_PREFIX + key[len(HEAD_PREFIX):] if key.startswith(HEAD_PREFIX) else key
+
+
+def from_file_key(key: str) -> str:
+    return HEAD_PREFIX + key[len(HEAD_FILE_PREFIX):] if key.startswith(HEAD_FILE_PREFIX) else key
 
 
 class AdapterLoadError(ValueError):
@@ -166,15 +177,20 @@ class AdapterIOMixin:
             raise RuntimeError(f"Cannot {action}: merge_and_unload() already folded this adapter into the base weights. "
                                "Save the adapter before merging.")
 
+    def _adapter_key_prefixes(self) -> tuple[str, ...]:
+        """`state_dict` prefixes of what an adapter file holds: the adapter's modules and `modules_to_save`."""
+        return self.adapter_prefixes + tuple(f"{HEAD_PREFIX}{m}." for m in self.adapter_config.modules_to_save or [])
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every adapter tensor (all allocated slots, so a resumed run is exact) plus `modules_to_save`."""
+        """Every adapter tensor (all allocated slots, so a resumed run is exact) plus `modules_to_save`, under
+        the names of the adapter file."""
         from .distributed import gathered
 
-        heads = tuple(f"base_model.{m}." for m in self.adapter_config.modules_to_save or [])
-        names = self.adapter_prefixes + heads
+        names = self._adapter_key_prefixes()
         params = [p for n, p in self.named_parameters() if n.startswith(names)]
         with gathered(params):
-            return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items() if k.startswith(names)}
+            return {to_file_key(k): v.detach().cpu().contiguous().clone()
+                    for k, v in self.state_dict().items() if k.startswith(names)}
 
     def save_pretrained(self, save_directory: str, is_main_process: bool = True, **_: Any) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors` (with the structure), each atomically."""
@@ -186,7 +202,7 @@ class AdapterIOMixin:
         metadata = {
             "format": "pt",
             "lor2c_structure": json.dumps(self.structure),
-            "lor2c_base": json.dumps(base_signature(self.base_model, self.blocks_path)),
+            "lor2c_base": json.dumps(base_signature(self.get_base_model(), self.blocks_path)),
         }
         atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=metadata))
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.adapter_config.to_json_string())
@@ -197,15 +213,14 @@ class AdapterIOMixin:
         config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
         saved = read_adapter_config(config_file, type(self), path_or_repo_id)
         tensors, structure, signature = read_adapter(weights_file)
-        check_signature(signature, base_signature(self.base_model, self.blocks_path), path_or_repo_id)
+        check_signature(signature, base_signature(self.get_base_model(), self.blocks_path), path_or_repo_id)
         mismatched = [f"{k}: adapter {getattr(saved, k)!r}, model {getattr(self.adapter_config, k)!r}"
                       for k in self.matching_fields
                       if getattr(saved, k) != getattr(self.adapter_config, k)]
         if mismatched:
             raise AdapterLoadError(f"Adapter {path_or_repo_id} was made with other settings ({'; '.join(mismatched)}); "
                                    f"use {type(self).__name__}.from_pretrained(base_model, path) to build the model from it.")
-        heads = tuple(f"base_model.{m}." for m in self.adapter_config.modules_to_save or [])
-        own = {k: v for k, v in self.state_dict().items() if k.startswith(self.adapter_prefixes + heads)}
+        own = {to_file_key(k): v for k, v in self.state_dict().items() if k.startswith(self._adapter_key_prefixes())}
         bad = [f"{k} (adapter only)" for k in sorted(set(tensors) - set(own))]
         bad += [f"{k} (model only)" for k in sorted(set(own) - set(tensors))]
         bad += [f"{k}: adapter {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
@@ -216,7 +231,7 @@ class AdapterIOMixin:
         with torch.no_grad():
             targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
             for k, v in tensors.items():
-                targets[k].copy_(v)
+                targets[from_file_key(k)].copy_(v)
         self.set_structure(structure)
 
     @classmethod

@@ -3,12 +3,20 @@ replacing its forward, freezes it except the task heads, and forwards everything
 
 Adapters are added by forward hooks, so the base model's `state_dict` keys, `generate()` with KV cache and
 gradient checkpointing are the base model's own.
+
+Names follow the conventions that other code reads: `get_base_model()` is the wrapped model (PEFT's meaning),
+`.base_model` is that model's backbone (transformers' meaning, which TRL's fused LM head calls), the wrapped model
+is the submodule `model` (PEFT's tuners name it so; every dotted name resolves by `getattr`), and the class of
+each wrapper carries the wrapped class's `forward` signature, so `Trainer` keeps the right dataset columns and
+finds the label names by itself.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -34,62 +42,117 @@ def check_modules_to_save(model: nn.Module, names: Optional[list[str]], owner: s
             raise ConfigError(f"{owner}.modules_to_save: {missing} not found in {type(model).__name__}.")
 
 
-class AdapterModelMixin:
-    """`forward`, `generate` and every unknown attribute go to `self.base_model`.
+@functools.lru_cache(maxsize=None)
+def _specialized(adapter_class: type, base_class: type) -> type:
+    """`adapter_class` with `base_class`'s forward signature (`Trainer` reads it off the class: `find_labels`).
 
-    A subclass sets `self.base_model`, exposes its config as `adapter_config` and counts its own active
-    adapter parameters in `num_adapter_parameters()`.
+    It keeps the adapter class's name, so messages and `repr` say `LoR2CModel`; `type(m).__mro__[1]` is it.
+    """
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model()(*args, **kwargs)
+
+    functools.update_wrapper(forward, base_class.forward, assigned=("__doc__",), updated=())  # sets __wrapped__
+    return type(adapter_class.__name__, (adapter_class,), {
+        "forward": forward, "_specialized_for": base_class, "__module__": adapter_class.__module__,
+        "__qualname__": f"{adapter_class.__qualname__}[{base_class.__name__}]"})
+
+
+class AdapterModelMixin:
+    """`forward`, `generate` and every unknown attribute go to the wrapped model (`get_base_model()`).
+
+    A subclass calls `self._wrap(model)` first, exposes its config as `adapter_config`, counts its own active
+    adapter parameters in `num_adapter_parameters()` and checks `self._adapter_enabled` in its hooks.
     """
 
-    base_model: nn.Module
     # Trainable adapters are attached: lets `Trainer` fine-tune a quantized (4/8-bit) base, as it does for PEFT.
     _hf_peft_config_loaded = True
+    _specialized_for: Optional[type] = None
+    _adapter_enabled = True
+    active_adapter = "default"  # PEFT's name for a model's only adapter
+
+    def __new__(cls, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any):
+        if model is not None and cls._specialized_for is not type(model):
+            generic = cls.__mro__[1] if cls._specialized_for is not None else cls
+            cls = _specialized(generic, type(model))
+        return super().__new__(cls)
+
+    def _wrap(self, model: nn.Module) -> None:
+        self.model = model  # state_dict keys: `model.<the base's own keys>`, each tensor once
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name in ("model", "base_model") or "model" not in self.__dict__.get("_modules", {}):
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.get_base_model(), name)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The wrapped `transformers` model (hooks and all), as PEFT's `get_base_model()`."""
+        return self._modules["model"]
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The wrapped model's backbone, transformers' meaning of the name (e.g. `LlamaModel` in a
+        `LlamaForCausalLM`); its blocks carry the adapter, so calling it directly still adapts."""
+        wrapped = self.get_base_model()
+        return getattr(wrapped, "base_model", wrapped)
+
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        """PEFT's layout: adapter name -> config."""
+        return {self.active_adapter: self.adapter_config}
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block, the model computes the bare base model's function (as PEFT's `disable_adapter`)."""
+        self._refuse_if_merged("disable the adapter")
+        previous = self._adapter_enabled
+        self._adapter_enabled = False
+        try:
+            yield
+        finally:
+            self._adapter_enabled = previous
 
     def _freeze_base(self) -> None:
         """Freeze the base model except `modules_to_save` (task heads)."""
-        for p in self.base_model.parameters():
+        for p in self.get_base_model().parameters():
             p.requires_grad_(False)
-        modules = dict(self.base_model.named_modules())
+        modules = dict(self.get_base_model().named_modules())
         for name in self.adapter_config.modules_to_save or []:
             for p in modules[name].parameters():
                 p.requires_grad_(True)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         """Checkpoint the base blocks; inputs require grad so LoRA inside a checkpointed block still trains."""
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        if hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
+        base = self.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
 
     @property
     def accepts_loss_kwargs(self) -> bool:
-        base = self.base_model
+        base = self.get_base_model()
         if hasattr(base, "accepts_loss_kwargs"):
             return base.accepts_loss_kwargs
         return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total): active adapter parameters plus `modules_to_save`, and the base model's count."""
-        heads = dict(self.base_model.named_modules())
+        heads = dict(self.get_base_model().named_modules())
         head_params = sum(full_numel(p) for name in self.adapter_config.modules_to_save or [] for p in heads[name].parameters())
         adapter = self.num_adapter_parameters()
-        base = sum(full_numel(p) for p in self.base_model.parameters())
+        base = sum(full_numel(p) for p in self.get_base_model().parameters())
         return adapter + head_params, base + adapter
 
     def print_trainable_parameters(self) -> None:

@@ -138,7 +138,7 @@ def test_generate_with_kv_cache_equals_no_cache_greedy_decode(arch):
     new_tokens = 6
 
     seen_lengths = []
-    handle = model.base_model.get_submodule(BLOCK_STACKS[arch])[0].register_forward_pre_hook(
+    handle = model.get_base_model().get_submodule(BLOCK_STACKS[arch])[0].register_forward_pre_hook(
         lambda m, args, kwargs: seen_lengths.append(_hidden_len(args, kwargs)), with_kwargs=True
     )
     with torch.no_grad():

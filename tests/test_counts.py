@@ -154,7 +154,7 @@ def test_print_trainable_parameters_format(capsys):
     out = capsys.readouterr().out
     assert out.count("\n") == 1
     trainable, total, percent = _parse(out)
-    base_total = sum(p.numel() for p in model.base_model.parameters())
+    base_total = sum(p.numel() for p in model.get_base_model().parameters())
     assert trainable == 147_456
     assert total == base_total + 147_456
     assert percent == round(100 * trainable / total, 4)
@@ -164,7 +164,7 @@ def test_print_trainable_parameters_format(capsys):
 def test_head_counts_as_trainable():
     model = get_lor2c_model(roberta_base(AutoModelForSequenceClassification), LoR2CConfig(r=8))
     assert model.lor2c_config.modules_to_save == ["classifier"]
-    head = sum(p.numel() for p in model.base_model.classifier.parameters())
+    head = sum(p.numel() for p in model.get_base_model().classifier.parameters())
     assert head == 768 * 768 + 768 + 768 * 2 + 2
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == 147_456 + head
@@ -178,5 +178,5 @@ def test_print_matches_get_nb_trainable_parameters(capsys):
     model.print_trainable_parameters()
     trainable, total, _ = _parse(capsys.readouterr().out)
     assert (trainable, total) == model.get_nb_trainable_parameters()
-    heads = sum(p.numel() for n, p in model.base_model.named_parameters() if p.requires_grad)
+    heads = sum(p.numel() for n, p in model.get_base_model().named_parameters() if p.requires_grad)
     assert trainable == 2 * 2 * 32 * 4 + heads

@@ -57,7 +57,7 @@ class Run:
         names |= {"lor2c.lora_A.0"} if share else {f"lor2c.lora_A.{slot}" for slot in s["owners"]}
         for block in s["injected"]:
             names |= {n for n in self.params if n.startswith(f"lor2c_injected.blocks.{block}.")}
-        names |= {n for n in self.params if n.startswith("base_model.")}
+        names |= {n for n in self.params if n.startswith("model.")}
         return names
 
 
@@ -157,7 +157,7 @@ def test_imlor2c_sequence_of_events_keeps_every_invariant():
 def test_sharelor2c_merge_keeps_the_shared_a_and_head_training():
     run = Run("bert", LoR2CConfig(r=4, share_a=True, num_merges=1, lora_dropout=0.1), head="cls")
     assert [n for n in run.params if n.startswith("lor2c.lora_A")] == ["lor2c.lora_A.0"]
-    assert any(n.startswith("base_model.classifier.") for n in run.params)
+    assert any(n.startswith("model.classifier.") for n in run.params)
     for _ in range(3):
         run.step()
     owners_before = run.model.structure["owners"]

@@ -65,7 +65,7 @@ def _trained(base_name=BASE_REPO, seed: int = 0) -> LoR2CModel:
         for name, p in model.named_parameters():
             if name.startswith(ADAPTER_PREFIXES):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name.startswith("base_model.classifier."):
+            elif name.startswith("model.classifier."):
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     model.apply_merge(step=10, epoch=1.0)
     model.apply_inject(step=10, epoch=1.0)
@@ -101,7 +101,7 @@ def _expected_trainable(model: LoR2CModel) -> int:
     total = sum(a.values()) + sum(c.lora_B.numel() for c in connections)
     for block in model.structure["injected"]:
         total += sum(p.numel() for layer in model.lor2c_injected.layers_of(block).values() for p in layer.parameters())
-    return total + sum(p.numel() for p in model.base_model.classifier.parameters())
+    return total + sum(p.numel() for p in model.get_base_model().classifier.parameters())
 
 
 def test_push_to_hub_sends_the_adapter_and_a_model_card(hub, tmp_path):
@@ -119,7 +119,8 @@ def test_push_to_hub_sends_the_adapter_and_a_model_card(hub, tmp_path):
 
     # The weights: real safetensors, exactly the model's adapter tensors and task head, nothing of the base.
     received = load_safetensors(files["adapter_model.safetensors"])
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(ADAPTER_PREFIXES + ("base_model.classifier.",))}
+    expected = {k.replace("model.", "base_model.", 1) if k.startswith("model.") else k: v  # file keys
+                for k, v in model.state_dict().items() if k.startswith(ADAPTER_PREFIXES + ("model.classifier.",))}
     assert received.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(received[key], value), key
@@ -177,7 +178,7 @@ def test_the_model_card_usage_snippet_runs(hub, tmp_path):
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     rebuilt = namespace["model"]
-    assert isinstance(rebuilt, LoR2CModel) and type(rebuilt.base_model) is type(model.base_model)
+    assert isinstance(rebuilt, LoR2CModel) and type(rebuilt.get_base_model()) is type(model.get_base_model())
     assert torch.equal(_outputs(rebuilt), _outputs(model))
 
 

@@ -191,7 +191,7 @@ def test_gradients_match_reference(flag):
         for t, key in enumerate(keys):
             torch.testing.assert_close(sd[f"reslora.blocks.{l}.{key}.lora_A.weight"].grad, a[l][t].grad, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(sd[f"reslora.blocks.{l}.{key}.lora_B.weight"].grad, b[l][t].grad, rtol=1e-4, atol=1e-6)
-    assert all(p.grad is None for n, p in model.base_model.named_parameters())  # the base stays frozen
+    assert all(p.grad is None for n, p in model.get_base_model().named_parameters())  # the base stays frozen
 
 
 # --- merging ----------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_is_ms_merge_on_pretrained_minilm(flag):
     model.eval()
     with torch.no_grad():
         adapted = model(**test).logits
-        layers = model.base_model.bert.encoder.layer
+        layers = model.get_base_model().bert.encoder.layer
         model.unload()
         plain = base(**test).logits
         for l, layer in enumerate(layers):
@@ -510,7 +510,7 @@ def test_save_and_load_round_trip(tmp_path):
             assert torch.equal(loaded(input_ids=ids).logits, expected)
         assert torch.equal(loaded.reslora.input_norm, model.reslora.input_norm)
         assert torch.equal(loaded.reslora.input_count, model.reslora.input_count)
-        assert torch.equal(loaded.merge_and_unload().classifier.weight, model.base_model.classifier.weight)
+        assert torch.equal(loaded.merge_and_unload().classifier.weight, model.get_base_model().classifier.weight)
     with pytest.raises(AdapterLoadError, match="'reslora' adapter, which LoR2CModel cannot load; load it with ResLoRAModel"):
         LoR2CModel.from_pretrained(copy.deepcopy(fresh), str(tmp_path))
     other = get_reslora_model(copy.deepcopy(fresh), _config("is"))
@@ -536,7 +536,7 @@ def test_lor2c_trainer_trains_reslora(tmp_path):
                              gradient_checkpointing=True)
     trainer = LoR2CTrainer(base, args, train_dataset=data, lor2c_config=_config("ms"))
     model = trainer.lor2c_model
-    assert isinstance(model, ResLoRAModel) and model.base_model is base
+    assert isinstance(model, ResLoRAModel) and model.get_base_model() is base
     result = trainer.train()
     assert result.global_step == 4 and base.model.layers[0].gradient_checkpointing
     assert all(p.abs().sum() > 0 for n, p in model.reslora.named_parameters() if "lora_B" in n)

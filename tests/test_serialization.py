@@ -44,7 +44,7 @@ def _base(arch: str = "llama", head: str = "causal", **overrides) -> torch.nn.Mo
 def _train_like(model: LoR2CModel, seed: int = 0) -> None:
     """What training leaves behind: random adapter weights (B no longer zero) and a moved task head."""
     g = torch.Generator().manual_seed(seed)
-    heads = tuple(f"base_model.{m}." for m in model.lor2c_config.modules_to_save or [])
+    heads = tuple(f"model.{m}." for m in model.lor2c_config.modules_to_save or [])
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(ADAPTER_PREFIXES):
@@ -122,12 +122,13 @@ def test_save_writes_config_and_real_safetensors_with_the_structure(tmp_path):
     assert json.loads(metadata["lor2c_base"]) == {"base_model_class": "RobertaForSequenceClassification",
                                                   "model_type": "roberta", "hidden_size": 32, "num_blocks": NUM_LAYERS}
     # Adapter tensors and the task head, nothing of the frozen base.
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(ADAPTER_PREFIXES + ("base_model.classifier.",))}
+    expected = {k.replace("model.", "base_model.", 1) if k.startswith("model.") else k: v  # file keys
+                for k, v in model.state_dict().items() if k.startswith(ADAPTER_PREFIXES + ("model.classifier.",))}
     assert any(k.startswith("lor2c_injected.") for k in expected) and any(k.startswith("base_model.classifier.") for k in expected)
     assert saved.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(saved[key], value), key
-    assert sum(v.numel() for v in saved.values()) < sum(p.numel() for p in model.base_model.parameters()) / 10
+    assert sum(v.numel() for v in saved.values()) < sum(p.numel() for p in model.get_base_model().parameters()) / 10
 
 
 def test_saved_files_honour_the_umask(tmp_path):
@@ -164,7 +165,7 @@ def test_from_pretrained_reproduces_outputs_exactly(tmp_path, name, variant):
     heads = model.lor2c_config.modules_to_save
     assert bool(heads) == (head == "cls")
     for head_name in heads:
-        for (k, p), q in zip(model.base_model.get_submodule(head_name).named_parameters(),
+        for (k, p), q in zip(model.get_base_model().get_submodule(head_name).named_parameters(),
                              fresh.get_submodule(head_name).parameters()):
             assert torch.equal(p, q), f"{head_name}.{k}"
 
@@ -361,16 +362,16 @@ def test_from_pretrained_is_trainable_trains_the_adapter_and_head_only(tmp_path)
     ids = random_ids(4, 9, seed=8)
     out = loaded(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 1, 0]))
     out.loss.backward()
-    base_params = {f"base_model.{n}": p for n, p in loaded.base_model.named_parameters()}
+    base_params = {f"model.{n}": p for n, p in loaded.get_base_model().named_parameters()}
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
-    assert {n for n in trainable if n in base_params} == {n for n in base_params if n.startswith("base_model.classifier.")}
+    assert {n for n in trainable if n in base_params} == {n for n in base_params if n.startswith("model.classifier.")}
     active = [c.lora_A for c in loaded.connections] + [c.lora_B for c in loaded.connections]
     for block in loaded.structure["injected"]:
         for layer in loaded.lor2c_injected.layers_of(block).values():
             active += [layer.lora_A.weight, layer.lora_B.weight]
-    active += list(loaded.base_model.classifier.parameters())
+    active += list(loaded.get_base_model().classifier.parameters())
     assert all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in active)
-    assert all(p.grad is None for n, p in base_params.items() if not n.startswith("base_model.classifier."))
+    assert all(p.grad is None for n, p in base_params.items() if not n.startswith("model.classifier."))
 
 
 def test_from_pretrained_refuses_a_model_that_already_has_an_adapter(tmp_path):
