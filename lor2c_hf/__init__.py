@@ -9,11 +9,15 @@ from .callback import LoR2CCallback
 from .sfs import sfs_scores
 from .plotting import plot_structure  # matplotlib is imported only when a plot is drawn
 from .trainer import LoR2CTrainer
+from .auto import (AutoLoR2CModel, AutoLoR2CModelForCausalLM, AutoLoR2CModelForQuestionAnswering,
+                   AutoLoR2CModelForSeq2SeqLM, AutoLoR2CModelForSequenceClassification,
+                   AutoLoR2CModelForTokenClassification)
 
 __all__ = [
     "METHODS", "ConfigError", "LoR2CConfig", "Connection", "LoR2CModel", "get_lor2c_model",
     "AdapterLoadError", "sfs_scores", "LoR2CCallback", "LoR2CTrainer",
     "RES_FLAGS", "ResLoRAConfig", "ResLoRAModel", "get_reslora_model", "load_adapter_model",
-    "plot_structure",
+    "plot_structure", "AutoLoR2CModel", "AutoLoR2CModelForCausalLM", "AutoLoR2CModelForSequenceClassification",
+    "AutoLoR2CModelForTokenClassification", "AutoLoR2CModelForQuestionAnswering", "AutoLoR2CModelForSeq2SeqLM",
 ]
 __version__ = "0.1.0"

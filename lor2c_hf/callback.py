@@ -1,37 +1,30 @@
-"""`LoR2CCallback`: fires merges and injects on the paper's schedule during `Trainer.train()`."""
+"""`LoR2CCallback`: fires merges and injects on the paper's schedule during `Trainer.train()`.
+
+`LoR2CTrainer` installs it. Added by hand to a plain `Trainer` or TRL's `SFTTrainer`
+(`callbacks=[LoR2CCallback()]`), it also gives that trainer the adapter's checkpoint methods
+(`adapter_trainer.adopt_trainer`), so checkpoints hold the adapter only and resume with their structure.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import os
 from typing import Any, Optional
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .adapter_trainer import adopt_trainer, unwrap_adapter
 from .model import LoR2CModel
-from .serialization import AdapterIOMixin
 from .schedule import due_events, epoch_points, step_points
 
 logger = logging.getLogger("lor2c_hf")
 STRUCTURE_FILE = "lor2c_structure.json"
-
-
-def unwrap_adapter(model: Any, kind: type = AdapterIOMixin) -> Any:
-    """The adapter model of class `kind` (default: `LoR2CModel` or `ResLoRAModel`) inside a DDP / DeepSpeed /
-    compiled wrapper."""
-    seen = model
-    while not isinstance(seen, kind):
-        inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
-        if inner is None:
-            if kind is LoR2CModel:
-                raise TypeError(f"LoR2CCallback needs a LoR2CModel; got {type(model).__name__}. Wrap it with get_lor2c_model().")
-            raise TypeError(f"LoR2CTrainer needs a LoR2CModel or ResLoRAModel; got {type(model).__name__}. "
-                            "Wrap it with get_lor2c_model() or get_reslora_model().")
-        seen = inner
-    return seen
+SUPPORTED_PATTERN = ("LoR2CTrainer(model=..., lor2c_config=...), class MyTrainer(LoR2CTrainer, YourTrainer), or "
+                     "YourTrainer(model=get_lor2c_model(model, config), callbacks=[LoR2CCallback()])")
 
 
 def unwrap_lor2c(model: Any) -> LoR2CModel:
@@ -45,6 +38,20 @@ def _scheduled(model: Any) -> Optional[LoR2CModel]:
     return adapter if isinstance(adapter, LoR2CModel) else None
 
 
+def _calling_trainer(callback: TrainerCallback) -> Optional[Trainer]:
+    """The `Trainer` whose callback handler is calling `callback` now (callbacks get no reference to it)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer) and callback in getattr(candidate, "callback_handler", None).callbacks:
+                return candidate
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
 class LoR2CCallback(TrainerCallback):
     """Runs `apply_merge`/`apply_inject` per SPEC §6 and records them in the logs and in every checkpoint.
 
@@ -56,8 +63,31 @@ class LoR2CCallback(TrainerCallback):
         self.trainer = trainer
         self.merge_points: list[int] = []
         self.inject_points: list[int] = []
+        self._pending_logs: list[dict[str, float]] = []
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        self._bind(args, model)
+
+    def _bind(self, args: TrainingArguments, model: Any) -> None:
+        """Added to a trainer that is not a `LoR2CTrainer`: adopt it, or refuse now with the supported patterns."""
+        if self.trainer is not None:
+            return
+        try:
+            adapter = unwrap_adapter(model)
+        except TypeError as e:
+            raise TypeError(f"LoR2CCallback was added to a trainer whose model is a {type(model).__name__}, not a LoR2C "
+                            f"or ResLoRA adapter model. Use {SUPPORTED_PATTERN}.") from e
+        trainer = _calling_trainer(self)
+        if trainer is None:
+            raise RuntimeError("LoR2CCallback could not find the Trainer it was added to, so its checkpoints would hold "
+                               f"the whole base model and not resume the structure. Use {SUPPORTED_PATTERN}.")
+        adopt_trainer(trainer)
+        self.trainer = trainer
+        if args.ddp_find_unused_parameters is None:  # slots retired or not yet injected get no gradient
+            args.ddp_find_unused_parameters = isinstance(adapter, LoR2CModel) and adapter.lor2c_config.has_events
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        self._bind(args, model)  # a callback added after the Trainer was made (`add_callback`)
         lor2c = _scheduled(model)
         if lor2c is None:
             return
@@ -79,27 +109,46 @@ class LoR2CCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         lor2c = _scheduled(model)
         if lor2c is not None and lor2c.lor2c_config.schedule == "steps":
-            self._fire(lor2c, state, state.global_step)
+            self._fire(lor2c, state, control, state.global_step)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         lor2c = _scheduled(model)
         if lor2c is not None and lor2c.lor2c_config.schedule == "epochs":
             # Completed epochs only: when max_steps stops training mid-epoch, that epoch has not ended.
-            self._fire(lor2c, state, math.floor((state.epoch or 0) + 1e-6))
+            self._fire(lor2c, state, control, math.floor((state.epoch or 0) + 1e-6))
 
-    def _fire(self, lor2c: LoR2CModel, state: TrainerState, now: float) -> None:
+    def _fire(self, lor2c: LoR2CModel, state: TrainerState, control: TrainerControl, now: float) -> None:
         s = lor2c._structure
         for kind in due_events(self.merge_points, self.inject_points, s.count("merge"), s.count("inject"), now):
             event = getattr(lor2c, f"apply_{kind}")
             record = event(step=state.global_step, epoch=state.epoch)
-            if self.trainer is not None and not record.get("skipped"):
+            if not record.get("skipped"):
                 scores = record["scores"]
-                self.trainer.log({
+                self._log({
                     f"lor2c/{kind}_first_block": float(record["blocks"][0]),
                     f"lor2c/{kind}_last_block": float(record["blocks"][-1]),
                     f"lor2c/{kind}_sfs": float(sum(scores)),
                     "lor2c/adapter_params": float(record["params_after"]),
-                })
+                }, control)
+
+    def _log(self, metrics: dict[str, float], control: TrainerControl) -> None:
+        """Log an event through the Trainer without taking the place of this step's own log.
+
+        `Trainer.log` resets `control.should_log`, which would drop the loss the Trainer is about to log at
+        this step; so when that log is due, the event follows it (from `on_log`) instead.
+        """
+        if control.should_log:
+            self._pending_logs.append(metrics)
+        else:
+            self.trainer.log(metrics)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw):
+        pending, self._pending_logs = self._pending_logs, []
+        for metrics in pending:
+            self.trainer.log(metrics)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw):
+        self.on_log(args, state, control)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         if not state.is_world_process_zero or _scheduled(model) is None:

@@ -7,6 +7,9 @@ import os
 import re
 from typing import Any, Optional
 
+from .atomic import atomic_write_text
+from .plotting import save_structure_picture
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -104,9 +107,6 @@ def write_model_card(model: Any, folder: str, repo_id: str, metrics: Optional[di
 
     The picture needs matplotlib (the `plot` extra); without it the card simply has no picture.
     """
-    from .plotting import save_structure_picture
-    from .serialization import atomic_write_text
-
     path = save_structure_picture(model, folder, title=f"{repo_id} ({model.adapter_config.method})")
     picture = os.path.basename(path) if path else None
     atomic_write_text(os.path.join(folder, "README.md"), model_card(model, repo_id, metrics, picture))

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any, Optional, Union
 
+from .atomic import atomic_write
 from .structure import Structure
 
 logger = logging.getLogger("lor2c_hf")
@@ -24,11 +25,9 @@ BLOCK_COLOR = "#edf2f7"
 
 
 def _as_structure(model_or_structure: Any) -> tuple[Structure, Optional[list[float]]]:
-    """The `Structure` to draw and, for a live model, the current SFS of each span."""
-    from .model import LoR2CModel
-
+    """The `Structure` to draw and, for a live model (a `LoR2CModel`: it scores its spans), the current SFS."""
     current = None
-    if isinstance(model_or_structure, LoR2CModel):
+    if callable(getattr(model_or_structure, "sfs", None)) and hasattr(model_or_structure, "structure"):
         data = model_or_structure.structure
         current = [float(x) for x in model_or_structure.sfs().sfs.tolist()]
     elif isinstance(model_or_structure, Structure):
@@ -127,8 +126,6 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
         if title:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        from .serialization import atomic_write  # a crash never leaves a half-written picture
-
         atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)
@@ -141,9 +138,7 @@ def save_structure_picture(model: Any, folder: str, title: Optional[str] = None)
     None for adapters with no spans to draw (ResLoRA, PEFT LoRA) and, with a log line, when matplotlib (the
     `plot` extra) is not installed: the picture is an extra, never a reason to fail a save or a push.
     """
-    from .model import LoR2CModel
-
-    if not isinstance(model, LoR2CModel):
+    if "spans" not in getattr(model, "structure", {}):
         return None
     try:
         import matplotlib  # noqa: F401

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import tempfile
 from typing import Any, Optional
 
@@ -17,7 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import architectures as arch
+from .atomic import atomic_write, atomic_write_text
 from .config import CONFIG_NAME, METHODS, LoR2CConfig
+from .distributed import gathered
+from .model_card import write_model_card
+from .structure import Structure
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PREFIXES = ("lor2c.", "lor2c_injected.")
@@ -39,50 +43,8 @@ class AdapterLoadError(ValueError):
     """An adapter does not fit the base model it is loaded onto; nothing was changed."""
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically."""
-    atomic_write(path, lambda tmp: _write_text(tmp, text))
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def atomic_write(path: str, write) -> None:
-    """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the bytes reach the disk before the rename makes them visible
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))  # mkstemp creates 0600; give the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _new_file_mode(path: str) -> int:
-    """The existing file's mode, or 0o666 minus the umask (read without changing it where Linux allows)."""
-    if os.path.exists(path):
-        return stat.S_IMODE(os.stat(path).st_mode)
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
 def base_signature(model: torch.nn.Module, blocks_path: Optional[str] = None) -> dict[str, Any]:
     """What an adapter must match: base class, model type, hidden size and number of blocks."""
-    from . import architectures as arch
-
     _, blocks = arch.find_block_stack(model, blocks_path)
     return {
         "base_model_class": type(model).__name__,
@@ -127,11 +89,24 @@ def check_signature(expected: dict[str, Any], actual: dict[str, Any], source: st
                                f"this {actual.get('base_model_class')}: " + "; ".join(diffs) + ". The model was not changed.")
 
 
+def adapter_method(data: dict[str, Any], source: str) -> str:
+    """The `method` field of an adapter config; a PEFT adapter (or an unknown one) is refused by name."""
+    method = data.get("method")
+    if method in ADAPTER_CLASSES:
+        return method
+    peft_type = data.get("peft_type")
+    if method is None and peft_type is not None:
+        raise AdapterLoadError(f"{source} is a PEFT {peft_type} adapter, not a lor2c_hf one: load it with PEFT, "
+                               "e.g. peft.PeftModel.from_pretrained(base_model, path) or "
+                               "peft.AutoPeftModelForCausalLM.from_pretrained(path).")
+    raise AdapterLoadError(f"Adapter {source} has method {method!r}; known methods: {sorted(ADAPTER_CLASSES)}.")
+
+
 def read_adapter_config(config_file: str, model_class: type, source: str):
     """The config in `config_file`, checked to be one `model_class` loads (its `method` field says which)."""
     with open(config_file, encoding="utf-8") as f:
         data = json.load(f)
-    method = data.get("method")
+    method = adapter_method(data, source)
     if method not in model_class.adapter_methods:
         owner = ADAPTER_CLASSES.get(method)
         hint = f"load it with {owner.__name__}.from_pretrained" if owner else f"known methods: {sorted(ADAPTER_CLASSES)}"
@@ -143,9 +118,7 @@ def load_adapter_model(model: torch.nn.Module, path_or_repo_id: str, is_trainabl
     """Wrap `model` with a saved adapter of any method (LoR2C family or ResLoRA), chosen by its `method` field."""
     config_file, _ = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
     with open(config_file, encoding="utf-8") as f:
-        method = json.load(f).get("method")
-    if method not in ADAPTER_CLASSES:
-        raise AdapterLoadError(f"Adapter {path_or_repo_id} has method {method!r}; known methods: {sorted(ADAPTER_CLASSES)}.")
+        method = adapter_method(json.load(f), path_or_repo_id)
     return ADAPTER_CLASSES[method].from_pretrained(model, path_or_repo_id, is_trainable=is_trainable, **hub_kwargs)
 
 
@@ -168,8 +141,6 @@ class AdapterIOMixin:
 
     def parse_structure(self, data: dict[str, Any]) -> Any:
         """Check a saved structure before anything changes; the result goes to `set_structure`."""
-        from .structure import Structure
-
         return Structure.from_dict(data)
 
     def _refuse_if_merged(self, action: str) -> None:
@@ -184,8 +155,6 @@ class AdapterIOMixin:
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor (all allocated slots, so a resumed run is exact) plus `modules_to_save`, under
         the names of the adapter file."""
-        from .distributed import gathered
-
         names = self._adapter_key_prefixes()
         params = [p for n, p in self.named_parameters() if n.startswith(names)]
         with gathered(params):
@@ -268,8 +237,6 @@ class AdapterIOMixin:
                     create_pr: bool = False) -> str:
         """Upload the adapter and a generated model card to `repo_id`; returns the commit URL."""
         from huggingface_hub import HfApi
-
-        from .model_card import write_model_card
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -1,28 +1,24 @@
 """`LoR2CTrainer`: `transformers.Trainer` with a LoR2C adapter; swap the class name, pass `lor2c_config`.
 
-It overrides only what an adapter changes: wrapping the model, installing the schedule callback, saving and
-loading the adapter (not the base weights) in checkpoints, and looking through the wrapper for the base
-model's forward signature and label names.
+It overrides only what an adapter changes: wrapping the model, installing the schedule callback, and (from
+`AdapterTrainerMixin`) saving and loading the adapter, not the base weights, in checkpoints. It combines with
+any `Trainer` subclass by ordinary multiple inheritance: `class LoR2CSFTTrainer(LoR2CTrainer, SFTTrainer)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import os
 from typing import Any, Optional, Union
 
 import torch
 from transformers import Trainer
-from transformers.utils import can_return_loss, find_labels
 
-from .callback import LoR2CCallback, unwrap_adapter
+from .adapter_trainer import AdapterTrainerMixin
+from .callback import LoR2CCallback
 from .config import LoR2CConfig
 from .model import LoR2CModel, get_lor2c_model
 from .reslora import ResLoRAModel, get_reslora_model
 from .reslora_config import ResLoRAConfig
-
-TRAINING_ARGS_NAME = "training_args.bin"
 
 
 def _conflicting_fields(given: Any, actual: Any) -> list[str]:
@@ -31,7 +27,7 @@ def _conflicting_fields(given: Any, actual: Any) -> list[str]:
             if getattr(given, f.name) is not None and getattr(given, f.name) != getattr(actual, f.name, None)]
 
 
-class LoR2CTrainer(Trainer):
+class LoR2CTrainer(AdapterTrainerMixin, Trainer):
     """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`).
 
     A `ResLoRAConfig` (or a `ResLoRAModel`) trains ResLoRA the same way; it has no structure events.
@@ -54,22 +50,12 @@ class LoR2CTrainer(Trainer):
             # Slots that merges retire or injects have not yet activated receive no gradient.
             args.ddp_find_unused_parameters = isinstance(model, LoR2CModel) and model.lor2c_config.has_events
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        base_class = model.get_base_model().__class__
-        if self.args.label_names is None:
-            self.label_names = find_labels(base_class)
-        self.can_return_loss = can_return_loss(base_class)
-        self.lor2c_callback = LoR2CCallback(trainer=self)
-        self.add_callback(self.lor2c_callback)
-
-    @property
-    def lor2c_model(self) -> Union[LoR2CModel, ResLoRAModel]:
-        """The adapter model being trained (a `LoR2CModel`, or a `ResLoRAModel`)."""
-        return unwrap_adapter(self.model)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            params = inspect.signature(self.lor2c_model.get_base_model().forward).parameters
-            self._signature_columns = list(params) + list({"label", "label_ids", *self.label_names})
+        # One schedule callback: a LoR2CCallback the caller passed in `callbacks` is bound to this trainer.
+        given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LoR2CCallback)]
+        self.lor2c_callback = given[0] if given else LoR2CCallback()
+        self.lor2c_callback.trainer = self
+        if not given:
+            self.add_callback(self.lor2c_callback)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Under DeepSpeed, save the adapter without first consolidating the whole model on rank 0.
@@ -82,30 +68,3 @@ class LoR2CTrainer(Trainer):
         self._save(output_dir or self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """Write only the adapter (config, weights, structure), plus tokenizer and training arguments."""
-        output_dir = output_dir or self.args.output_dir
-        self.lor2c_model.save_pretrained(output_dir, is_main_process=self.args.should_save)
-        if not self.args.should_save:
-            return
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
-        unwrap_adapter(model if model is not None else self.model).load_adapter(resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        self.lor2c_model.load_adapter(self.state.best_model_checkpoint)
-
-    def create_model_card(self, model_name: Optional[str] = None, **_: Any) -> None:
-        """`Trainer.push_to_hub` calls this: write the adapter's card, with the last evaluation's metrics."""
-        if not self.is_world_process_zero():
-            return
-        from .model_card import write_model_card
-
-        metrics = {k: v for entry in self.state.log_history for k, v in entry.items() if k.startswith("eval_")}
-        repo_id = self.hub_model_id or self.args.hub_model_id or model_name or os.path.basename(self.args.output_dir)
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        write_model_card(self.lor2c_model, self.args.output_dir, repo_id, metrics)
