@@ -92,6 +92,10 @@ class LoR2CCallback(TrainerCallback):
         if lor2c is None:
             return
         c = lor2c.lor2c_config
+        if c.has_events and getattr(self.trainer, "is_fsdp_enabled", False):
+            raise ValueError(f"LoR2CConfig.method={c.method!r} merges/injects from the SFS of the whole adapter, which FSDP "
+                             "shards across ranks; train it with DDP or DeepSpeed ZeRO (accelerate_configs/), or use "
+                             "FSDP with lor2c/sharelor2c (no events).")
         if c.schedule == "epochs":
             horizon, unit = state.num_train_epochs, "epoch"
             self.merge_points, self.inject_points = epoch_points(horizon, c.num_merges), epoch_points(horizon, c.num_injects)

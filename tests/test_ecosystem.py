@@ -393,3 +393,18 @@ def test_run_glue_pattern_with_the_one_line_swap(tmp_path):
         logits = torch.cat([reloaded(**tokenizer([s], return_tensors="pt")).logits for s in dev])
     torch.testing.assert_close(logits, torch.from_numpy(np.load(tmp_path / "full" / "predict_logits.npy")),
                                atol=1e-5, rtol=0)
+
+
+def test_events_under_fsdp_are_refused_before_the_first_step(tmp_path, cls_setup):
+    # FSDP needs several processes (and a GPU in Trainer); the refusal reads only the trainer's own flag, which
+    # Trainer sets at init, so the callback's train-begin hook is called here as Trainer calls it.
+    base_dir, data = cls_setup
+    for config, refused in ((imlor2c(), True), (LoR2CConfig(r=4), False)):
+        trainer = cls_trainer("callback", base_dir, data, tmp_path, config)
+        callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoR2CCallback))
+        trainer.is_fsdp_enabled = True
+        if refused:
+            with pytest.raises(ValueError, match="method='imlor2c' merges/injects .* which FSDP shards"):
+                callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+        else:
+            callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
