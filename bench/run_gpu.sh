@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one device command of the GPU benchmark (bench/README.md, "GPU run"):
-#   run(command="bash bench/run_gpu.sh", carry=[".whl"], timeout_s=570)
+#   run(command="bash bench/run_gpu.sh", carry=[".whl"], timeout_s=540)
 # Installs the wheels carried in .whl/ (bench/fetch_gpu_wheels.sh) into a folder of their own, never over the
 # image's packages, then runs bench/gpu.py once under a time budget. gpu.py rewrites $OUT/gpu.json after every
 # phase and the log goes to $OUT/gpu.log, so a run cut short keeps what finished.
 #
-# Environment: OUT (set by the device tool; default bench/results), BUDGET_S (gpu.py's budget, default 450),
-# HARD_LIMIT_S (kill gpu.py after this, default 525: the whole command stays under 9 minutes), PYTHON
+# Environment: OUT (set by the device tool; default bench/results), BUDGET_S (gpu.py's budget, default 440),
+# HARD_LIMIT_S (SIGTERM to gpu.py after this, default 500: with the install and 15 s of grace the command ends
+# inside the 540 s given to the call, under 9 minutes), PYTHON
 # (default python3), WHEEL_DIR (default .whl), SITE (install folder, default /tmp/site), GPU_BENCH_ARGS (more
 # arguments for gpu.py, e.g. --tiny for a CPU check), WHEELS_DRY_RUN=1 (print the wheels chosen and stop).
 set -uo pipefail
@@ -59,6 +60,6 @@ export GPU_BENCH_WHEEL_NOTE="$note"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 # shellcheck disable=SC2086  # GPU_BENCH_ARGS is a list of words
-timeout -k 15 "${HARD_LIMIT_S:-525}" "$PY" bench/gpu.py --out "$OUT/gpu.json" --budget_s "${BUDGET_S:-450}" \
+timeout -k 15 "${HARD_LIMIT_S:-500}" "$PY" bench/gpu.py --out "$OUT/gpu.json" --budget_s "${BUDGET_S:-440}" \
   ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu.log"
 exit "${PIPESTATUS[0]}"
