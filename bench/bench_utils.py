@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -75,16 +76,29 @@ def write_json(result: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def environment(device: str) -> dict:
-    """Versions and machine facts to store beside the numbers (load average: how shared the machine was)."""
+def cuda_step_memory(step: Callable[[], object]) -> tuple[int, int]:
+    """(bytes allocated before `step`, peak bytes allocated during it): the peak a step adds is their difference."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return before, torch.cuda.max_memory_allocated()
+
+
+def environment(device: str, packages: tuple[str, ...] = ("transformers", "peft")) -> dict:
+    """Versions and machine facts to store beside the numbers (load average: how shared the machine was).
+
+    A package in `packages` that is not installed is left out (read from its metadata, so nothing is imported).
+    """
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    for package in ("transformers", "peft"):
+    for package in packages:
         try:
-            env[package] = __import__(package).__version__
-        except ImportError:
+            env[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
             pass
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()

@@ -34,7 +34,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from bench_utils import ElapsedElsewhere, environment, interleaved_timing, synchronize, write_json
+from bench_utils import ElapsedElsewhere, cuda_step_memory, environment, interleaved_timing, synchronize, write_json
 from lor2c_hf import LoR2CConfig, ResLoRAConfig, get_lor2c_model, get_reslora_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -275,12 +275,8 @@ def step_flops(trainee: Trainee, input_ids: torch.Tensor) -> int:
 
 def cuda_step_peak_bytes(trainee: Trainee, input_ids: torch.Tensor) -> int:
     """Peak CUDA memory allocated during one training step above what was allocated before it."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    trainee.step(input_ids)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    before, peak = cuda_step_memory(lambda: trainee.step(input_ids))
+    return peak - before
 
 
 def batch_input_ids(shape: Shape, device: str) -> torch.Tensor:
@@ -289,9 +285,11 @@ def batch_input_ids(shape: Shape, device: str) -> torch.Tensor:
     return torch.randint(3, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
 
 
-def build_trainee(name: str, base: nn.Module, shape: Shape) -> Trainee:
+def build_trainee(name: str, base: nn.Module, shape: Shape,
+                  build: Optional[Callable[[nn.Module, Shape], nn.Module]] = None) -> Trainee:
+    """Method `name` (or `build`, for a row `METHODS` does not list) on a sharing copy of `base`."""
     torch.manual_seed(1)  # each adapter's init (and so IMLoR2C's SFS decisions) independent of the others
-    return Trainee(name, METHODS[name].build(sharing_copy(base), shape))
+    return Trainee(name, (build or METHODS[name].build)(sharing_copy(base), shape))
 
 
 def measure(trainee: Trainee, input_ids: torch.Tensor, device: str) -> dict:
