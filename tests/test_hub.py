@@ -168,6 +168,21 @@ def test_from_pretrained_with_a_repo_id_downloads_and_reproduces_outputs(hub, tm
         assert any(r.origin == "cdn" and r.method == "GET" for r in hub.requests)
 
 
+def test_auto_loader_builds_base_and_adapter_from_hub_repo_ids_alone(hub, tmp_path):
+    """One line from two Hub repos: the adapter's, and the base it names in `base_model_name_or_path`."""
+    from lor2c_hf import AutoLoR2CModelForSequenceClassification
+
+    _push_base(hub, tmp_path)
+    model = _trained()
+    model.push_to_hub(REPO, token=hub.token)
+    loaded = AutoLoR2CModelForSequenceClassification.from_pretrained(REPO)
+    assert isinstance(loaded, LoR2CModel) and loaded.structure == model.structure
+    assert torch.equal(_outputs(loaded), _outputs(model))
+    fetched = {r.path for r in hub.requests if r.origin == "hub" and r.method in ("GET", "HEAD")}
+    assert any(p.startswith(f"/{BASE_REPO}/resolve/") and p.endswith("/config.json") for p in fetched)
+    assert f"/{REPO}/resolve/main/adapter_config.json" in fetched
+
+
 def test_the_model_card_usage_snippet_runs(hub, tmp_path):
     """The card's snippet, as written, rebuilds the model from the Hub (base class, head and labels included)."""
     _push_base(hub, tmp_path)
