@@ -103,3 +103,11 @@ def environment(device: str, packages: tuple[str, ...] = ("transformers", "peft"
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def print_targets(targets: list[dict]) -> None:
+    """The benchmark's target checks, one line each (`what`, `value`, `target`, `met`, `miss_by`)."""
+    print("\nTargets")
+    for c in targets:
+        verdict = "met" if c["met"] else f"MISSED by {c['miss_by']:.3f}"
+        print(f"  {c['what']:42s} {c['value']:.3f} (target {c['target']}): {verdict}")

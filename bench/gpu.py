@@ -43,7 +43,8 @@ for path in (BENCH, ROOT):  # bench helpers and this checkout's lor2c_hf, also w
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from bench_utils import cuda_step_memory, environment, interleaved_timing, synchronize, write_json  # noqa: E402
+from bench_utils import (cuda_step_memory, environment, interleaved_timing, print_targets,  # noqa: E402
+                         synchronize, write_json)
 from speed import (  # noqa: E402
     DROPOUT, SHAPES, Shape, Trainee, active_parameters, batch_input_ids, build_base, build_trainee, check,
     frozen_base, generate_runner, generation_models, imlor2c_after_events, lor2c, peft_lora, trainable,
@@ -539,10 +540,7 @@ def print_report(result: dict) -> None:
             detail = (f"losses {[round(v, 3) for v in r['losses']]}, standalone peak "
                       f"{r['cuda_peak_standalone_bytes'] / 2**30:.2f} GiB")
         print(f"{label:82s} {r['status']:8s} {detail}")
-    print("\nTargets")
-    for c in result["targets"]:
-        verdict = "met" if c["met"] else f"MISSED by {c['miss_by']:.3f}"
-        print(f"  {c['what']:42s} {c['value']:.3f} (target {c['target']}): {verdict}")
+    print_targets(result["targets"])
 
 
 # --- main -----------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ import torch
 import transformers as tf
 from torch import nn
 
-from bench_utils import ElapsedElsewhere, cuda_step_memory, environment, interleaved_timing, synchronize, write_json
+from bench_utils import (ElapsedElsewhere, cuda_step_memory, environment, interleaved_timing, print_targets,
+                         synchronize, write_json)
 from lor2c_hf import LoR2CConfig, ResLoRAConfig, get_lor2c_model, get_reslora_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -449,10 +450,7 @@ def print_report(result: dict) -> None:
         for name, row in gen["rows"].items():
             print(f"{name:22s} {row['tokens_per_s']:10.1f} {row['tokens_per_s_ratio_to_base']:7.3f} "
                   f"{row['cpu_seconds']:8.3f} {row['cpu_time_ratio_to_base']:7.3f}")
-    print("\nTargets")
-    for c in result["targets"]:
-        verdict = "met" if c["met"] else f"MISSED by {c['miss_by']:.3f}"
-        print(f"  {c['what']:42s} {c['value']:.3f} (target {c['target']}): {verdict}")
+    print_targets(result["targets"])
 
 
 # --- main ---------------------------------------------------------------------------------------------------

@@ -50,28 +50,20 @@ class _AutoAdapterModel:
         return load_adapter_model(base, adapter_name_or_path, is_trainable=is_trainable, **hub_kwargs)
 
 
-class AutoLoR2CModel(_AutoAdapterModel):
-    auto_class = transformers.AutoModel
+def _auto_class(name: str, auto_class: type) -> type:
+    return type(name, (_AutoAdapterModel,), {"auto_class": auto_class, "__module__": __name__, "__doc__":
+                f"Base by `transformers.{auto_class.__name__}`, then the adapter (see `_AutoAdapterModel`)."})
 
 
-class AutoLoR2CModelForCausalLM(_AutoAdapterModel):
-    auto_class = transformers.AutoModelForCausalLM
-
-
-class AutoLoR2CModelForSequenceClassification(_AutoAdapterModel):
-    auto_class = transformers.AutoModelForSequenceClassification
-
-
-class AutoLoR2CModelForTokenClassification(_AutoAdapterModel):
-    auto_class = transformers.AutoModelForTokenClassification
-
-
-class AutoLoR2CModelForQuestionAnswering(_AutoAdapterModel):
-    auto_class = transformers.AutoModelForQuestionAnswering
-
-
-class AutoLoR2CModelForSeq2SeqLM(_AutoAdapterModel):
-    auto_class = transformers.AutoModelForSeq2SeqLM
+AutoLoR2CModel = _auto_class("AutoLoR2CModel", transformers.AutoModel)
+AutoLoR2CModelForCausalLM = _auto_class("AutoLoR2CModelForCausalLM", transformers.AutoModelForCausalLM)
+AutoLoR2CModelForSequenceClassification = _auto_class("AutoLoR2CModelForSequenceClassification",
+                                                      transformers.AutoModelForSequenceClassification)
+AutoLoR2CModelForTokenClassification = _auto_class("AutoLoR2CModelForTokenClassification",
+                                                   transformers.AutoModelForTokenClassification)
+AutoLoR2CModelForQuestionAnswering = _auto_class("AutoLoR2CModelForQuestionAnswering",
+                                                 transformers.AutoModelForQuestionAnswering)
+AutoLoR2CModelForSeq2SeqLM = _auto_class("AutoLoR2CModelForSeq2SeqLM", transformers.AutoModelForSeq2SeqLM)
 
 
 def _refusal(peft_type: str) -> type:
