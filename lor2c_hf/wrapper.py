@@ -13,6 +13,7 @@ finds the label names by itself.
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import inspect
 from contextlib import contextmanager
@@ -57,6 +58,11 @@ def _specialized(adapter_class: type, base_class: type) -> type:
         "__qualname__": f"{adapter_class.__qualname__}[{base_class.__name__}]"})
 
 
+def _new_unspecialized(cls: type, *args: Any) -> Any:
+    """Unpickling's first step: an empty instance of the public class (`__setstate__` specializes it)."""
+    return cls.__new__(cls, *args)
+
+
 class AdapterModelMixin:
     """`forward`, `generate` and every unknown attribute go to the wrapped model (`get_base_model()`).
 
@@ -75,6 +81,21 @@ class AdapterModelMixin:
             generic = cls.__mro__[1] if cls._specialized_for is not None else cls
             cls = _specialized(generic, type(model))
         return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        """Pickle (and `copy.deepcopy`) by the public class, which pickle can find by name; `__setstate__`
+        specializes the copy again."""
+        reduced = super().__reduce_ex__(protocol)
+        if self._specialized_for is not None and reduced[0] is copyreg.__newobj__:
+            return (_new_unspecialized, (type(self).__mro__[1], *reduced[1][1:]), *reduced[2:])
+        return reduced
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        wrapped = self._modules.get("model")
+        if wrapped is not None and self._specialized_for is not type(wrapped):
+            generic = type(self).__mro__[1] if self._specialized_for is not None else type(self)
+            self.__class__ = _specialized(generic, type(wrapped))
 
     def _wrap(self, model: nn.Module) -> None:
         self.model = model  # state_dict keys: `model.<the base's own keys>`, each tensor once

@@ -13,6 +13,7 @@ import copy
 import inspect
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -139,7 +140,10 @@ def test_forward_signature_and_label_names_are_the_base_models():
         assert list(inspect.signature(model.forward).parameters) == list(inspect.signature(base.forward).parameters)
         assert find_labels(type(model)) == find_labels(type(base)) == ["labels"]
         assert type(model).__name__ == "LoR2CModel" and isinstance(model, LoR2CModel)
-        assert copy.deepcopy(model).structure == model.structure
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # torch.save(model) pickles too
+            assert type(twin) is type(model) and twin.structure == model.structure
+            ids = random_ids(2, 6)
+            assert torch.equal(eval_logits(twin, ids), eval_logits(model, ids))
 
 
 def test_base_model_is_the_backbone_and_still_adapted():
