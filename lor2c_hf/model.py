@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .config import ConfigError, LoR2CConfig
+from .config import ConfigError, LoR2CConfig, check_adapter_config
 from .distributed import broadcast_decision, full_numel, gathered
 from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, hidden_input, hidden_output, merge_into_projection, with_hidden_output
 from .serialization import AdapterIOMixin
@@ -59,6 +59,7 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
             names = config.inject_target_modules or arch.default_qv_targets(model)
             self._targets = [arch.resolve_targets(b, i, names) for i, b in enumerate(self._blocks)]
             shapes = [{n: arch.projection_shape(m) for n, m in t.items()} for t in self._targets]
+            self._check_inject_rank(shapes)
             self.lor2c_injected = InjectedLoRA(shapes, config.inject_r, config.inject_alpha, config.inject_dropout,
                                                device=device, dtype=dtype)
         if config.modules_to_save is None:
@@ -95,6 +96,14 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         if c.num_merges + c.num_injects > L:
             raise ConfigError(f"LoR2CConfig.num_merges + num_injects = {c.num_merges + c.num_injects} exceeds the {L} blocks of the model.")
         check_modules_to_save(self.get_base_model(), c.modules_to_save, "LoR2CConfig")
+
+    def _check_inject_rank(self, shapes: list[dict[str, tuple[int, int]]]) -> None:
+        """inject_r fits every target projection, checked before its LoRA is allocated (a crafted config with
+        inject_r=2000000 would otherwise allocate gigabytes first)."""
+        smallest = min(min(shape) for block in shapes for shape in block.values())
+        if self.lor2c_config.inject_r > smallest:
+            raise ConfigError(f"LoR2CConfig.inject_r={self.lor2c_config.inject_r} exceeds the smallest side {smallest} of the "
+                              f"injected projections; expected 1 <= inject_r <= {smallest}.")
 
     # --- forward -------------------------------------------------------------------------------------------
 
@@ -266,6 +275,7 @@ def get_lor2c_model(model: nn.Module, config: LoR2CConfig) -> LoR2CModel:
     """Add LoR2C connections (and, for InjectLoR2C/IMLoR2C, dormant LoRA) to `model`; freeze its base."""
     if isinstance(model, LoR2CModel):
         raise ValueError("The model already has a LoR2C adapter; pass its base model (model.get_base_model()).")
+    check_adapter_config(config, (LoR2CConfig,), "config")
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return LoR2CModel(model, config)

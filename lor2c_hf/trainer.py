@@ -17,7 +17,7 @@ from transformers import Trainer
 from transformers.utils import can_return_loss, find_labels
 
 from .callback import LoR2CCallback, unwrap_adapter
-from .config import LoR2CConfig
+from .config import LoR2CConfig, check_adapter_config
 from .model import LoR2CModel, get_lor2c_model
 from .reslora import ResLoRAModel, get_reslora_model
 from .reslora_config import ResLoRAConfig
@@ -41,6 +41,8 @@ class LoR2CTrainer(Trainer):
                  lor2c_config: Optional[Union[LoR2CConfig, ResLoRAConfig]] = None, **trainer_kwargs: Any) -> None:
         if model is None:
             raise ValueError("LoR2CTrainer needs a model (a transformers model or a LoR2CModel); model_init is not supported.")
+        if lor2c_config is not None:
+            check_adapter_config(lor2c_config, (LoR2CConfig, ResLoRAConfig), "LoR2CTrainer(lor2c_config=...)")
         if isinstance(model, (LoR2CModel, ResLoRAModel)):
             conflicts = _conflicting_fields(lor2c_config, model.adapter_config) if lor2c_config is not None else []
             if conflicts:
