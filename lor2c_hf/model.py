@@ -7,6 +7,7 @@ projections. Merges and injects change only which slots those hooks read (see `l
 
 from __future__ import annotations
 
+import copy
 import logging
 from functools import partial
 from typing import Any, Optional, Union
@@ -16,13 +17,14 @@ from torch import nn
 
 from . import architectures as arch
 from .config import ConfigError, LoR2CConfig, check_adapter_config
+from .guards import NonFiniteError
 from .distributed import broadcast_decision, full_numel, gathered
 from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, hidden_input, hidden_output, merge_into_projection, with_hidden_output
 from .serialization import AdapterIOMixin
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
 from .zero3 import ExternalParameterDeclarations
-from .sfs import SFSScores, sfs_scores
-from .structure import Structure
+from .sfs import SFSScores, finite_modules, sfs_scores
+from .structure import Structure, StructureError
 
 logger = logging.getLogger("lor2c_hf")
 
@@ -148,12 +150,19 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         """JSON-able: `spans`, `owners`, `injected`, `events` (a copy; change it through events only)."""
         return self._structure.to_dict()
 
-    def set_structure(self, structure: Union[Structure, dict[str, Any]]) -> None:
-        structure = structure if isinstance(structure, Structure) else Structure.from_dict(structure)
+    def parse_structure(self, data: Union[Structure, dict[str, Any]]) -> Structure:
+        """A validated `Structure` that fits this model (depth, injected LoRA allocated); nothing is changed."""
+        structure = copy.deepcopy(data) if isinstance(data, Structure) else Structure.from_dict(data)
+        structure.validate()
         if structure.num_blocks != self.num_blocks:
-            raise ValueError(f"Structure is for {structure.num_blocks} blocks; this model has {self.num_blocks}.")
+            raise StructureError(f"Structure is for {structure.num_blocks} blocks; this model has {self.num_blocks}.")
         if structure.injected and not self._targets:
-            raise ValueError("Structure has injected blocks but this adapter was created with num_injects=0.")
+            raise StructureError(f"Structure has injected blocks {structure.injected} but this adapter was created with "
+                                 "num_injects=0 (no injected LoRA is allocated).")
+        return structure
+
+    def set_structure(self, structure: Union[Structure, dict[str, Any]]) -> None:
+        structure = self.parse_structure(structure)
         self._structure = structure
         self._stash.clear()
         self._rebuild_plan()
@@ -164,14 +173,24 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         return [Connection(span, slot, self.lor2c) for span, slot in zip(self._structure.spans, self._structure.owners)]
 
     def sfs(self):
-        """SFS scores (and rho) of every current connection, aligned with the spans; float32."""
+        """SFS scores (and rho) of every current connection, aligned with the spans; float32.
+
+        A connection with a NaN or Inf weight has no score: `NonFiniteError` names its span.
+        """
         slots = self._structure.owners
         if not slots:
             return SFSScores(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
         with gathered(list(self.lor2c.parameters())):
             a = self.lor2c.lora_A[0] if self.lor2c.share_a else torch.stack([self.lor2c.lora_A[s] for s in slots])
             b = torch.stack([self.lor2c.lora_B[s] for s in slots])
+            finite = finite_modules(a, b).tolist()
+            if not all(finite):
+                spans = [span for span, ok in zip(self._structure.spans, finite) if not ok]
+                raise NonFiniteError(f"LoR2C connection span(s) {spans} hold NaN or Inf weights: they have no SFS, so no "
+                                     "merge or inject can be chosen from them. Training diverged before this event.")
             scores = sfs_scores(a, b, self.lor2c_config.sfs_top_k)
+        if not bool(torch.isfinite(scores.sfs).all()):  # unreachable for finite weights; never decide from NaN
+            raise NonFiniteError(f"SFS of the connections {self._structure.spans} is not finite: {scores.sfs.tolist()}.")
         return scores
 
     # --- events --------------------------------------------------------------------------------------------
