@@ -7,6 +7,8 @@ from .reslora_config import RES_FLAGS, ResLoRAConfig
 from .reslora import ResLoRAModel, get_reslora_model
 from .callback import LoR2CCallback
 from .sfs import sfs_scores
+from .guards import NonFiniteError
+from .checkpoint_io import CheckpointError
 from .plotting import plot_structure  # matplotlib is imported only when a plot is drawn
 from .trainer import LoR2CTrainer
 
@@ -14,6 +16,6 @@ __all__ = [
     "METHODS", "ConfigError", "LoR2CConfig", "Connection", "LoR2CModel", "get_lor2c_model",
     "AdapterLoadError", "sfs_scores", "LoR2CCallback", "LoR2CTrainer",
     "RES_FLAGS", "ResLoRAConfig", "ResLoRAModel", "get_reslora_model", "load_adapter_model",
-    "plot_structure",
+    "plot_structure", "NonFiniteError", "CheckpointError",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from transformers import Trainer
 from transformers.utils import can_return_loss, find_labels
 
 from .callback import LoR2CCallback, unwrap_adapter
+from .checkpoint_io import CheckpointIOMixin
 from .config import LoR2CConfig, check_adapter_config
 from .model import LoR2CModel, get_lor2c_model
 from .reslora import ResLoRAModel, get_reslora_model
@@ -31,14 +32,16 @@ def _conflicting_fields(given: Any, actual: Any) -> list[str]:
             if getattr(given, f.name) is not None and getattr(given, f.name) != getattr(actual, f.name, None)]
 
 
-class LoR2CTrainer(Trainer):
-    """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`).
+class LoR2CTrainer(CheckpointIOMixin, Trainer):
+    """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`)
+    and `stop_on_nonfinite` (default True: stop at the step that makes the adapter NaN or Inf).
 
     A `ResLoRAConfig` (or a `ResLoRAModel`) trains ResLoRA the same way; it has no structure events.
     """
 
     def __init__(self, model: Optional[torch.nn.Module] = None, args: Any = None, *trainer_args: Any,
-                 lor2c_config: Optional[Union[LoR2CConfig, ResLoRAConfig]] = None, **trainer_kwargs: Any) -> None:
+                 lor2c_config: Optional[Union[LoR2CConfig, ResLoRAConfig]] = None, stop_on_nonfinite: bool = True,
+                 **trainer_kwargs: Any) -> None:
         if model is None:
             raise ValueError("LoR2CTrainer needs a model (a transformers model or a LoR2CModel); model_init is not supported.")
         if lor2c_config is not None:
@@ -60,7 +63,7 @@ class LoR2CTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = find_labels(base_class)
         self.can_return_loss = can_return_loss(base_class)
-        self.lor2c_callback = LoR2CCallback(trainer=self)
+        self.lor2c_callback = LoR2CCallback(trainer=self, stop_on_nonfinite=stop_on_nonfinite)
         self.add_callback(self.lor2c_callback)
 
     @property
