@@ -260,10 +260,9 @@ class AdapterIOMixin:
     def _parse_saved_structure(self, data: Any, weights_file: str) -> Any:
         try:
             return self.parse_structure(data)
-        except AdapterLoadError:
-            raise
-        except ValueError as e:
-            raise AdapterLoadError(f"{weights_file}: {e} The model was not changed.") from None
+        except ValueError as e:  # StructureError, or a subclass's own AdapterLoadError
+            tail = "" if "not changed" in str(e) else " The model was not changed."
+            raise AdapterLoadError(f"{weights_file}: {e}{tail}") from None
 
     def _refuse_if_merged(self, action: str) -> None:
         if getattr(self, "_merged_into_base", False):

@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import pickle
+import random
 import re
 
 import pytest
@@ -333,3 +334,41 @@ def test_training_args_bin_never_holds_the_hub_token(tmp_path):
         assert type(loaded) is type(args).__mro__[1] and loaded.hub_token is None and loaded.learning_rate == args.learning_rate
     assert trainer.args.hub_token == secret and copy.deepcopy(trainer.args).hub_token == secret  # still usable for uploads
     assert secret.encode() not in pickle.dumps(trainer.args)
+
+
+# --- the long randomized sweep of damaged files (README, "Reliability") --------------------------------------
+
+
+@pytest.mark.slow
+def test_random_damage_is_refused_or_harmless(tmp_path, trained):
+    """SWEEP_DAMAGE random flipped bytes or truncations of the weights or the config: each load is refused with
+    `AdapterLoadError` before anything changes, or (a flip in JSON whitespace) loads the very same adapter."""
+    from test_serialization import _outputs
+
+    trained.save_pretrained(tmp_path / "good")
+    files = {name: (tmp_path / "good" / name).read_bytes() for name in (WEIGHTS, CONFIG)}
+    expected = _outputs(trained)
+    rng = random.Random(int(os.environ.get("SWEEP_SEED", "13")))
+    refused = harmless = 0
+    for trial in range(int(os.environ.get("SWEEP_DAMAGE", "300"))):
+        name = rng.choice((WEIGHTS, WEIGHTS, CONFIG))
+        data = bytearray(files[name])
+        if rng.random() < 0.2:
+            data = data[:rng.randrange(len(data))]
+        else:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        folder = tmp_path / f"trial-{trial}"
+        folder.mkdir()
+        for other, content in files.items():
+            (folder / other).write_bytes(bytes(data) if other == name else content)
+        base = _base("roberta", "cls")
+        before = _snapshot(base)
+        try:
+            loaded = LoR2CModel.from_pretrained(base, str(folder))
+        except AdapterLoadError:
+            _assert_unchanged(base, before)
+            refused += 1
+        else:
+            assert loaded.structure == trained.structure and torch.equal(_outputs(loaded), expected), (name, trial)
+            harmless += 1
+    print(f"\n[sweep] damaged files tried: {trial + 1}, refused: {refused}, harmless (identical load): {harmless}")
