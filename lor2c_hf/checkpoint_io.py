@@ -185,6 +185,12 @@ class CheckpointIOMixin:
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         return super().train(resolve_resume(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """`hub_strategy="checkpoint"` uploads the folder: by now every file is written, so it goes with its manifest."""
+        if self.args.should_save:
+            mark_complete(checkpoint_folder)
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

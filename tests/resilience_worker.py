@@ -2,7 +2,7 @@
 
     python resilience_worker.py '{"out": DIR, "schedule": "epochs", "pause": ["saved", 4], "result": FILE}'
 
-`pause` = [where, step]: at that point of optimizer step `step` the run prints PAUSED and waits to be killed:
+`args` overrides training arguments (e.g. save_steps). `pause` = [where, step]: at that point of optimizer step `step` the run prints PAUSED and waits to be killed:
 `step` (after the step, before its events and save), `saved` (checkpoint complete), `adapter` (inside the
 checkpoint's adapter write, before its rename), `rng` (checkpoint half written: adapter, optimizer and scheduler,
 no RNG state or trainer state). Without `pause` the run trains to the end, resuming from the last complete
@@ -83,7 +83,7 @@ def run(spec: dict[str, Any]) -> Optional[dict[str, Any]]:
     setup = RUNS[spec["schedule"]]
     pause = spec.get("pause")
     trainer = LoR2CTrainer(tiny_model("roberta", num_layers=6),
-                           training_args(spec["out"], save_strategy="steps", **setup["args"]),
+                           training_args(spec["out"], save_strategy="steps", **{**setup["args"], **spec.get("args", {})}),
                            train_dataset=cls_data(32), lor2c_config=LoR2CConfig.for_method("imlor2c", r=4, **setup["config"]),
                            callbacks=[PauseAt(*pause)] if pause else [])
     if pause:

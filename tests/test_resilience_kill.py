@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,3 +124,21 @@ def test_random_kills_resume_exactly(tmp_path, uninterrupted):
         assert same, (schedule, steps, resumed["events"])
     print(f"\n[sweep] kills tried: {kills}, runs: {trial + 1}, resumed exactly: {exact}")
     assert exact == trial + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["epochs", "steps"])
+def test_every_checkpoint_position_resumes_exactly(tmp_path, uninterrupted, schedule):
+    """A checkpoint after every optimizer step; resuming from each one (in this process) ends like the
+    uninterrupted run."""
+    full = run({"out": str(tmp_path / "full"), "schedule": schedule, "args": {"save_steps": 1}})
+    assert full["events"] == uninterrupted[schedule]["events"] and max_diff(full["adapter"], uninterrupted[schedule]["adapter"]) == 0
+    positions = sorted(int(d.split("-")[1]) for d in os.listdir(tmp_path / "full") if d.startswith("checkpoint-"))
+    assert positions == list(range(1, 17))
+    for step in positions[:-1]:
+        out = tmp_path / f"from-{step}"
+        shutil.copytree(tmp_path / "full" / f"checkpoint-{step}", out / f"checkpoint-{step}")
+        resumed = run({"out": str(out), "schedule": schedule, "args": {"save_steps": 1}})
+        assert resumed["events"] == full["events"], step
+        assert max_diff(resumed["adapter"], full["adapter"]) <= TOLERANCE, step
+    print(f"\n[sweep] {schedule}: resumed exactly from all {len(positions) - 1} checkpoint positions")
