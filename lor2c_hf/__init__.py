@@ -7,6 +7,8 @@ from .reslora_config import RES_FLAGS, ResLoRAConfig
 from .reslora import ResLoRAModel, get_reslora_model
 from .callback import LoR2CCallback
 from .sfs import sfs_scores
+from .guards import NonFiniteError
+from .checkpoint_io import CheckpointError
 from .plotting import plot_structure  # matplotlib is imported only when a plot is drawn
 from .trainer import LoR2CTrainer
 from .auto import (AutoLoR2CModel, AutoLoR2CModelForCausalLM, AutoLoR2CModelForQuestionAnswering,
@@ -19,5 +21,6 @@ __all__ = [
     "RES_FLAGS", "ResLoRAConfig", "ResLoRAModel", "get_reslora_model", "load_adapter_model",
     "plot_structure", "AutoLoR2CModel", "AutoLoR2CModelForCausalLM", "AutoLoR2CModelForSequenceClassification",
     "AutoLoR2CModelForTokenClassification", "AutoLoR2CModelForQuestionAnswering", "AutoLoR2CModelForSeq2SeqLM",
+    "NonFiniteError", "CheckpointError",
 ]
 __version__ = "0.1.0"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import stat
 import tempfile
 from typing import Callable
+
+TMP_PREFIX = ".tmp-"  # atomic_write's temporary files; ones left by a killed save are removed by the next save
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -21,7 +24,7 @@ def _write_text(path: str, text: str) -> None:
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
     """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     os.close(fd)
     try:
         write(tmp)
@@ -46,3 +49,11 @@ def _new_file_mode(path: str) -> int:
         umask = os.umask(0o022)
         os.umask(umask)
     return 0o666 & ~umask
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Delete the `.tmp-*` files a killed save left in `directory` (one process saves there at a time)."""
+    stale = [p for p in glob.glob(os.path.join(glob.escape(directory), TMP_PREFIX + "*")) if os.path.isfile(p)]
+    for path in stale:
+        os.remove(path)
+    return stale

@@ -18,6 +18,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapter_trainer import adopt_trainer, unwrap_adapter
+from .atomic import atomic_write_text
+from .guards import check_training_step
 from .model import LoR2CModel
 from .schedule import due_events, epoch_points, step_points
 
@@ -56,11 +58,16 @@ class LoR2CCallback(TrainerCallback):
     """Runs `apply_merge`/`apply_inject` per SPEC §6 and records them in the logs and in every checkpoint.
 
     Which events are done is read from the model's structure, so a run resumed from a checkpoint (whose
-    adapter carries the structure) continues the schedule where it stopped.
+    adapter carries the structure) continues the schedule where it stopped; events that were due when the
+    checkpoint was written fire as training resumes (Trainer saves a step's checkpoint before `on_epoch_end`).
+
+    `stop_on_nonfinite` (default True): after every optimizer step, stop with `NonFiniteError` naming the step
+    and the tensors when a trainable tensor of the adapter (or a task head) is NaN or Inf.
     """
 
-    def __init__(self, trainer: Optional[Any] = None) -> None:
+    def __init__(self, trainer: Optional[Any] = None, stop_on_nonfinite: bool = True) -> None:
         self.trainer = trainer
+        self.stop_on_nonfinite = stop_on_nonfinite
         self.merge_points: list[int] = []
         self.inject_points: list[int] = []
         self._pending_logs: list[dict[str, float]] = []
@@ -109,8 +116,11 @@ class LoR2CCallback(TrainerCallback):
             if late:
                 logger.warning("[LoR2C] %d event(s) fall after the last %s (%s) and will not happen: %s",
                                len(late), unit, horizon, late)
+        self._fire(lor2c, state, control, self._now(c.schedule, state))  # due at a resumed checkpoint; none on a fresh run
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        if self.stop_on_nonfinite:
+            check_training_step(unwrap_adapter(model), state.global_step)
         lor2c = _scheduled(model)
         if lor2c is not None and lor2c.lor2c_config.schedule == "steps":
             self._fire(lor2c, state, control, state.global_step)
@@ -118,8 +128,13 @@ class LoR2CCallback(TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         lor2c = _scheduled(model)
         if lor2c is not None and lor2c.lor2c_config.schedule == "epochs":
-            # Completed epochs only: when max_steps stops training mid-epoch, that epoch has not ended.
-            self._fire(lor2c, state, control, math.floor((state.epoch or 0) + 1e-6))
+            self._fire(lor2c, state, control, self._now("epochs", state))
+
+    @staticmethod
+    def _now(schedule: str, state: TrainerState) -> float:
+        """Where training stands on the schedule's axis: optimizer steps, or completed epochs (when max_steps
+        stops training mid-epoch, that epoch has not ended)."""
+        return state.global_step if schedule == "steps" else math.floor((state.epoch or 0) + 1e-6)
 
     def _fire(self, lor2c: LoR2CModel, state: TrainerState, control: TrainerControl, now: float) -> None:
         s = lor2c._structure
@@ -159,8 +174,6 @@ class LoR2CCallback(TrainerCallback):
             return
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(checkpoint):
-            from .serialization import atomic_write_text
-
             payload = {"structure": unwrap_lor2c(model).structure,
                        "merge_points": self.merge_points, "inject_points": self.inject_points}
             atomic_write_text(os.path.join(checkpoint, STRUCTURE_FILE), json.dumps(payload, indent=1))

@@ -8,6 +8,7 @@ line. Values that can be checked without a model are checked at construction; th
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Optional
@@ -28,6 +29,24 @@ def _check(condition: bool, name: str, value: Any, allowed: str, owner: str = "L
         raise ConfigError(f"{owner}.{name}={value!r} is invalid: expected {allowed}.")
 
 
+def is_int(value: Any) -> bool:
+    """A Python int that is not a bool (`True` is an int to Python, never a rank or a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool: inf and NaN scalings train to a NaN adapter."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_adapter_config(config: Any, allowed: tuple[type, ...], argument: str) -> None:
+    """`argument` is a config object (a dict would fail later, far from the cause)."""
+    if not isinstance(config, allowed):
+        names = " or ".join(c.__name__ for c in allowed)
+        hint = f"; build one with {allowed[0].__name__}(**your_dict)" if isinstance(config, dict) else ""
+        raise ConfigError(f"{argument} must be a {names}, got a {type(config).__name__}{hint}.")
+
+
 class AdapterConfigIO:
     """JSON round trip shared by the adapter configs (`LoR2CConfig`, `ResLoRAConfig`): `adapter_config.json`."""
 
@@ -38,6 +57,8 @@ class AdapterConfigIO:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ConfigError(f"adapter config must be a JSON object (a mapping of fields), got a {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known - {"peft_type"}
         if unknown:
@@ -52,13 +73,28 @@ class AdapterConfigIO:
         return self.lora_alpha / self.r
 
     def _names_as_lists(self, *names: str) -> None:
-        """Module-name fields accept one name or any sequence; store them as lists (JSON-able, comparable)."""
+        """Module-name fields accept one name or any sequence; store them as lists (JSON-able, comparable).
+
+        Every name must be a non-empty string: "" names the whole model, which would unfreeze every base weight.
+        """
+        owner = type(self).__name__
         for name in names:
             value = getattr(self, name)
             if isinstance(value, str):
-                setattr(self, name, [value])
+                value = [value]
             elif value is not None:
-                setattr(self, name, list(value))
+                _check(isinstance(value, (list, tuple)), name, value, "a module name or a list of module names", owner)
+                value = list(value)
+            if value is not None:
+                bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+                _check(not bad, name, value, f"non-empty module names (strings); got {bad}", owner)
+            setattr(self, name, value)
+
+    def _check_optional_names(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str) and bool(value.strip()), name, value,
+                   "None or a non-empty string", type(self).__name__)
 
     @classmethod
     def from_pretrained(cls, directory: str):
@@ -92,22 +128,24 @@ class LoR2CConfig(AdapterConfigIO):
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model this adapter belongs to (filled in when the adapter is created)."})
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
-        _check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer")
-        _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a positive number")
-        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)")
-        _check(0.0 <= self.inject_dropout < 1.0, "inject_dropout", self.inject_dropout, "a probability in [0, 1)")
-        _check(isinstance(self.num_merges, int) and self.num_merges >= 0, "num_merges", self.num_merges, "an integer >= 0")
-        _check(isinstance(self.num_injects, int) and self.num_injects >= 0, "num_injects", self.num_injects, "an integer >= 0")
-        _check(isinstance(self.sfs_top_k, int) and 1 <= self.sfs_top_k <= self.r, "sfs_top_k", self.sfs_top_k, f"an integer in [1, r={self.r}]")
-        _check(self.merge_criterion in MERGE_CRITERIA, "merge_criterion", self.merge_criterion, f"one of {MERGE_CRITERIA}")
-        _check(self.merge_keep in MERGE_KEEP, "merge_keep", self.merge_keep, f"one of {MERGE_KEEP}")
-        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
-        _check(self.inject_alpha > 0, "inject_alpha", self.inject_alpha, "a positive number")
+        _check(isinstance(self.method, str) and self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _check(is_int(self.r) and self.r > 0, "r", self.r, "a positive integer")
+        _check(is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a finite positive number")
+        _check(is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)")
+        _check(is_number(self.inject_dropout) and 0.0 <= self.inject_dropout < 1.0, "inject_dropout", self.inject_dropout, "a probability in [0, 1)")
+        _check(isinstance(self.share_a, bool), "share_a", self.share_a, "True or False")
+        _check(is_int(self.num_merges) and self.num_merges >= 0, "num_merges", self.num_merges, "an integer >= 0")
+        _check(is_int(self.num_injects) and self.num_injects >= 0, "num_injects", self.num_injects, "an integer >= 0")
+        _check(is_int(self.sfs_top_k) and 1 <= self.sfs_top_k <= self.r, "sfs_top_k", self.sfs_top_k, f"an integer in [1, r={self.r}]")
+        _check(isinstance(self.merge_criterion, str) and self.merge_criterion in MERGE_CRITERIA, "merge_criterion", self.merge_criterion, f"one of {MERGE_CRITERIA}")
+        _check(isinstance(self.merge_keep, str) and self.merge_keep in MERGE_KEEP, "merge_keep", self.merge_keep, f"one of {MERGE_KEEP}")
+        _check(isinstance(self.schedule, str) and self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(is_number(self.inject_alpha) and self.inject_alpha > 0, "inject_alpha", self.inject_alpha, "a finite positive number")
         if self.inject_r is None:
             self.inject_r = max(1, self.r // 2)
-        _check(isinstance(self.inject_r, int) and self.inject_r >= 1, "inject_r", self.inject_r, "an integer >= 1")
+        _check(is_int(self.inject_r) and self.inject_r >= 1, "inject_r", self.inject_r, "an integer >= 1")
         self._names_as_lists("inject_target_modules", "modules_to_save")
+        self._check_optional_names("blocks_path", "base_model_name_or_path")
 
     @property
     def inject_scaling(self) -> float:

@@ -7,6 +7,7 @@ projections. Merges and injects change only which slots those hooks read (see `l
 
 from __future__ import annotations
 
+import copy
 import logging
 from functools import partial
 from typing import Any, Optional, Union
@@ -15,14 +16,15 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .config import ConfigError, LoR2CConfig
+from .config import ConfigError, LoR2CConfig, check_adapter_config
+from .guards import NonFiniteError
 from .distributed import broadcast_decision, full_numel, gathered
 from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, hidden_input, hidden_output, merge_into_projection, with_hidden_output
 from .serialization import AdapterIOMixin
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
 from .zero3 import ExternalParameterDeclarations
-from .sfs import SFSScores, sfs_scores
-from .structure import Structure
+from .sfs import SFSScores, finite_modules, sfs_scores
+from .structure import Structure, StructureError
 
 logger = logging.getLogger("lor2c_hf")
 
@@ -59,6 +61,7 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
             names = config.inject_target_modules or arch.default_qv_targets(model)
             self._targets = [arch.resolve_targets(b, i, names) for i, b in enumerate(self._blocks)]
             shapes = [{n: arch.projection_shape(m) for n, m in t.items()} for t in self._targets]
+            self._check_inject_rank(shapes)
             self.lor2c_injected = InjectedLoRA(shapes, config.inject_r, config.inject_alpha, config.inject_dropout,
                                                device=device, dtype=dtype)
         if config.modules_to_save is None:
@@ -95,6 +98,14 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         if c.num_merges + c.num_injects > L:
             raise ConfigError(f"LoR2CConfig.num_merges + num_injects = {c.num_merges + c.num_injects} exceeds the {L} blocks of the model.")
         check_modules_to_save(self.get_base_model(), c.modules_to_save, "LoR2CConfig")
+
+    def _check_inject_rank(self, shapes: list[dict[str, tuple[int, int]]]) -> None:
+        """inject_r fits every target projection, checked before its LoRA is allocated (a crafted config with
+        inject_r=2000000 would otherwise allocate gigabytes first)."""
+        smallest = min(min(shape) for block in shapes for shape in block.values())
+        if self.lor2c_config.inject_r > smallest:
+            raise ConfigError(f"LoR2CConfig.inject_r={self.lor2c_config.inject_r} exceeds the smallest side {smallest} of the "
+                              f"injected projections; expected 1 <= inject_r <= {smallest}.")
 
     # --- forward -------------------------------------------------------------------------------------------
 
@@ -139,12 +150,19 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         """JSON-able: `spans`, `owners`, `injected`, `events` (a copy; change it through events only)."""
         return self._structure.to_dict()
 
-    def set_structure(self, structure: Union[Structure, dict[str, Any]]) -> None:
-        structure = structure if isinstance(structure, Structure) else Structure.from_dict(structure)
+    def parse_structure(self, data: Union[Structure, dict[str, Any]]) -> Structure:
+        """A validated `Structure` that fits this model (depth, injected LoRA allocated); nothing is changed."""
+        structure = copy.deepcopy(data) if isinstance(data, Structure) else Structure.from_dict(data)
+        structure.validate()
         if structure.num_blocks != self.num_blocks:
-            raise ValueError(f"Structure is for {structure.num_blocks} blocks; this model has {self.num_blocks}.")
+            raise StructureError(f"Structure is for {structure.num_blocks} blocks; this model has {self.num_blocks}.")
         if structure.injected and not self._targets:
-            raise ValueError("Structure has injected blocks but this adapter was created with num_injects=0.")
+            raise StructureError(f"Structure has injected blocks {structure.injected} but this adapter was created with "
+                                 "num_injects=0 (no injected LoRA is allocated).")
+        return structure
+
+    def set_structure(self, structure: Union[Structure, dict[str, Any]]) -> None:
+        structure = self.parse_structure(structure)
         self._structure = structure
         self._stash.clear()
         self._rebuild_plan()
@@ -155,14 +173,24 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         return [Connection(span, slot, self.lor2c) for span, slot in zip(self._structure.spans, self._structure.owners)]
 
     def sfs(self):
-        """SFS scores (and rho) of every current connection, aligned with the spans; float32."""
+        """SFS scores (and rho) of every current connection, aligned with the spans; float32.
+
+        A connection with a NaN or Inf weight has no score: `NonFiniteError` names its span.
+        """
         slots = self._structure.owners
         if not slots:
             return SFSScores(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
         with gathered(list(self.lor2c.parameters())):
             a = self.lor2c.lora_A[0] if self.lor2c.share_a else torch.stack([self.lor2c.lora_A[s] for s in slots])
             b = torch.stack([self.lor2c.lora_B[s] for s in slots])
+            finite = finite_modules(a, b).tolist()
+            if not all(finite):
+                spans = [span for span, ok in zip(self._structure.spans, finite) if not ok]
+                raise NonFiniteError(f"LoR2C connection span(s) {spans} hold NaN or Inf weights: they have no SFS, so no "
+                                     "merge or inject can be chosen from them. Training diverged before this event.")
             scores = sfs_scores(a, b, self.lor2c_config.sfs_top_k)
+        if not bool(torch.isfinite(scores.sfs).all()):  # unreachable for finite weights; never decide from NaN
+            raise NonFiniteError(f"SFS of the connections {self._structure.spans} is not finite: {scores.sfs.tolist()}.")
         return scores
 
     # --- events --------------------------------------------------------------------------------------------
@@ -266,6 +294,7 @@ def get_lor2c_model(model: nn.Module, config: LoR2CConfig) -> LoR2CModel:
     """Add LoR2C connections (and, for InjectLoR2C/IMLoR2C, dormant LoRA) to `model`; freeze its base."""
     if isinstance(model, LoR2CModel):
         raise ValueError("The model already has a LoR2C adapter; pass its base model (model.get_base_model()).")
+    check_adapter_config(config, (LoR2CConfig,), "config")
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return LoR2CModel(model, config)

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import architectures as arch
-from .config import ConfigError
+from .config import ConfigError, check_adapter_config
 from .distributed import broadcast_buffers, full_numel
 from .layer import InjectedLoRA, LoraLayer, add_scaled_up_projection, merge_into_projection
 from .reslora_config import ResLoRAConfig
@@ -352,6 +352,7 @@ def get_reslora_model(model: nn.Module, config: ResLoRAConfig) -> ResLoRAModel:
     """Add ResLoRA (LoRA on the target projections with residual paths) to `model`; freeze its base."""
     if isinstance(model, AdapterIOMixin):
         raise ValueError(f"The model already has an adapter ({type(model).__name__}); pass its base model (model.get_base_model()).")
+    check_adapter_config(config, (ResLoRAConfig,), "config")
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return ResLoRAModel(model, config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from .config import AdapterConfigIO, _check
+from .config import AdapterConfigIO, _check, is_int, is_number
 
 RES_FLAGS = ("is", "bs", "ms")
 OWNER = "ResLoRAConfig"
@@ -37,12 +37,13 @@ class ResLoRAConfig(AdapterConfigIO):
 
     def __post_init__(self) -> None:
         _check(self.method == "reslora", "method", self.method, "'reslora'", OWNER)
-        _check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer", OWNER)
-        _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a positive number", OWNER)
-        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)", OWNER)
-        _check(self.res_flag in RES_FLAGS, "res_flag", self.res_flag, f"one of {RES_FLAGS}", OWNER)
-        _check(isinstance(self.pre_num, int) and self.pre_num >= 0, "pre_num", self.pre_num, "an integer >= 0", OWNER)
+        _check(is_int(self.r) and self.r > 0, "r", self.r, "a positive integer", OWNER)
+        _check(is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a finite positive number", OWNER)
+        _check(is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)", OWNER)
+        _check(isinstance(self.res_flag, str) and self.res_flag in RES_FLAGS, "res_flag", self.res_flag, f"one of {RES_FLAGS}", OWNER)
+        _check(is_int(self.pre_num) and self.pre_num >= 0, "pre_num", self.pre_num, "an integer >= 0", OWNER)
         self._names_as_lists("target_modules", "modules_to_save")
+        self._check_optional_names("blocks_path", "base_model_name_or_path")
 
     @property
     def reach(self) -> int:

@@ -1,29 +1,36 @@
 """Adapters on disk and on the Hub, in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
 
 The structure (spans, injected blocks, events) and the base model's shape are stored in the safetensors
-metadata, so weights and structure are written by one atomic rename and can never disagree. Loading checks
-everything (architecture, hidden size, depth, tensor shapes) before it changes anything.
+metadata, so weights and structure are written by one atomic rename and can never disagree. The metadata also
+holds a sha256 of the tensors, structure and base signature (a flipped bit is refused), and the sha256 of the
+config saved beside them: a folder holding the weights of one save and the config of another (a save killed
+between its two renames, a stale or hand-edited config) is refused rather than loaded wrongly. Loading checks
+everything (files, checksums, architecture, hidden size, depth, tensor shapes, structure) before it changes
+anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import architectures as arch
-from .atomic import atomic_write, atomic_write_text
-from .config import CONFIG_NAME, METHODS, LoR2CConfig
+from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
+from .config import CONFIG_NAME, METHODS, ConfigError, LoR2CConfig
 from .distributed import gathered
+from .guards import check_tensors
 from .model_card import write_model_card
 from .structure import Structure
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+DIGEST_KEY, CONFIG_DIGEST_KEY = "lor2c_sha256", "lor2c_config_sha256"
 ADAPTER_PREFIXES = ("lor2c.", "lor2c_injected.")
 ADAPTER_CLASSES: dict[str, type] = {}  # method name -> the model class that loads it (filled by subclasses)
 # Task heads (`modules_to_save`) are `model.<name>` in the wrapper and `base_model.<name>` in adapter files (the
@@ -41,6 +48,34 @@ def from_file_key(key: str) -> str:
 
 class AdapterLoadError(ValueError):
     """An adapter does not fit the base model it is loaded onto; nothing was changed."""
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], *texts: str) -> str:
+    """sha256 of `texts` and of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def config_digest(data: dict[str, Any]) -> str:
+    """sha256 of a config's fields (key order and whitespace do not count)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_json(path: str, what: str) -> Any:
+    """The JSON in `path`, or an `AdapterLoadError` that names the file and says what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise AdapterLoadError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); expected {what}.") from None
+    except json.JSONDecodeError as e:
+        raise AdapterLoadError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {what}.") from None
 
 
 def base_signature(model: torch.nn.Module, blocks_path: Optional[str] = None) -> dict[str, Any]:
@@ -72,13 +107,51 @@ def resolve_adapter_files(path_or_repo_id: str, **hub_kwargs: Any) -> tuple[str,
 
 
 def read_adapter(weights_file: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(tensors, structure, base signature) of a saved adapter."""
-    with safe_open(weights_file, framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    """(tensors, structure, base signature) of a saved adapter, its checksum verified."""
+    tensors, metadata = read_weights(weights_file)
+    try:
+        structure, signature = (json.loads(metadata[k]) for k in ("lor2c_structure", "lor2c_base"))
+    except json.JSONDecodeError as e:
+        raise AdapterLoadError(f"{weights_file}: its LoR2C metadata is not valid JSON ({e.msg}); the file is damaged.") from None
+    if not isinstance(signature, dict):
+        raise AdapterLoadError(f"{weights_file}: its lor2c_base metadata is a {type(signature).__name__}, expected an object.")
+    return tensors, structure, signature
+
+
+def read_weights(weights_file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an adapter weights file, refused unless it is a lor2c_hf file whose sha256 holds."""
+    try:
+        with safe_open(weights_file, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterLoadError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+                               "truncated or damaged. Save the adapter again.") from None
     if "lor2c_structure" not in metadata or "lor2c_base" not in metadata:
         raise AdapterLoadError(f"{weights_file} has no LoR2C structure metadata; it was not written by lor2c_hf.")
-    return tensors, json.loads(metadata["lor2c_structure"]), json.loads(metadata["lor2c_base"])
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None:  # files written before checksums were added have none
+        actual = tensors_digest(tensors, metadata["lor2c_structure"], metadata["lor2c_base"])
+        if actual != expected:
+            raise AdapterLoadError(f"{weights_file} fails its checksum: the tensors or the structure changed after it was "
+                                   f"written (sha256 {actual[:12]}..., recorded {expected[:12]}...). The file is damaged.")
+    return tensors, metadata
+
+
+def check_config_pair(config_file: str, weights_file: str, source: str) -> None:
+    """The config beside the weights is the one saved with them (its sha256 is in the weights' metadata)."""
+    try:
+        with safe_open(weights_file, framework="pt") as f:
+            recorded = (f.metadata() or {}).get(CONFIG_DIGEST_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return  # read_weights names the damage
+    if recorded is None:
+        return
+    actual = config_digest(read_json(config_file, "an adapter_config.json"))
+    if actual != recorded:
+        raise AdapterLoadError(f"Adapter {source}: {config_file} is not the config saved with {weights_file} (sha256 "
+                               f"{actual[:12]}..., the weights record {recorded[:12]}...): the folder holds parts of two saves "
+                               "(one was interrupted) or the config was edited. Save the adapter again. The model was not changed.")
 
 
 def check_signature(expected: dict[str, Any], actual: dict[str, Any], source: str) -> None:
@@ -102,23 +175,33 @@ def adapter_method(data: dict[str, Any], source: str) -> str:
     raise AdapterLoadError(f"Adapter {source} has method {method!r}; known methods: {sorted(ADAPTER_CLASSES)}.")
 
 
+def read_config_data(config_file: str) -> dict[str, Any]:
+    """The fields of an `adapter_config.json`, or an `AdapterLoadError` naming the file."""
+    data = read_json(config_file, "an adapter_config.json")
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{config_file} holds a JSON {type(data).__name__}; expected an object of config fields "
+                               "(an adapter_config.json).")
+    return data
+
+
 def read_adapter_config(config_file: str, model_class: type, source: str):
     """The config in `config_file`, checked to be one `model_class` loads (its `method` field says which)."""
-    with open(config_file, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_config_data(config_file)
     method = adapter_method(data, source)
     if method not in model_class.adapter_methods:
         owner = ADAPTER_CLASSES.get(method)
         hint = f"load it with {owner.__name__}.from_pretrained" if owner else f"known methods: {sorted(ADAPTER_CLASSES)}"
         raise AdapterLoadError(f"Adapter {source} is a {method!r} adapter, which {model_class.__name__} cannot load; {hint}.")
-    return model_class.config_class.from_dict(data)
+    try:
+        return model_class.config_class.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise AdapterLoadError(f"{config_file}: {e}") from None
 
 
 def load_adapter_model(model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False, **hub_kwargs: Any):
     """Wrap `model` with a saved adapter of any method (LoR2C family or ResLoRA), chosen by its `method` field."""
     config_file, _ = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
-    with open(config_file, encoding="utf-8") as f:
-        method = adapter_method(json.load(f), path_or_repo_id)
+    method = adapter_method(read_config_data(config_file), path_or_repo_id)
     return ADAPTER_CLASSES[method].from_pretrained(model, path_or_repo_id, is_trainable=is_trainable, **hub_kwargs)
 
 
@@ -143,6 +226,13 @@ class AdapterIOMixin:
         """Check a saved structure before anything changes; the result goes to `set_structure`."""
         return Structure.from_dict(data)
 
+    def _parse_saved_structure(self, data: Any, weights_file: str) -> Any:
+        try:
+            return self.parse_structure(data)
+        except ValueError as e:  # StructureError, or a subclass's own AdapterLoadError
+            tail = "" if "not changed" in str(e) else " The model was not changed."
+            raise AdapterLoadError(f"{weights_file}: {e}{tail}") from None
+
     def _refuse_if_merged(self, action: str) -> None:
         if getattr(self, "_merged_into_base", False):
             raise RuntimeError(f"Cannot {action}: merge_and_unload() already folded this adapter into the base weights. "
@@ -161,17 +251,27 @@ class AdapterIOMixin:
             return {to_file_key(k): v.detach().cpu().contiguous().clone()
                     for k, v in self.state_dict().items() if k.startswith(names)}
 
-    def save_pretrained(self, save_directory: str, is_main_process: bool = True, **_: Any) -> None:
-        """Write `adapter_config.json` and `adapter_model.safetensors` (with the structure), each atomically."""
+    def save_pretrained(self, save_directory: str, is_main_process: bool = True, allow_nonfinite: bool = False,
+                        **_: Any) -> None:
+        """Write `adapter_model.safetensors` (with the structure and checksums), then `adapter_config.json`,
+        each atomically; a NaN or Inf tensor is refused unless `allow_nonfinite` (e.g. to inspect a diverged run)."""
         self._refuse_if_merged("save the adapter")
         state = self.adapter_state_dict()  # every rank takes part in a ZeRO-3 gather
         if not is_main_process:
             return
+        if not allow_nonfinite:
+            check_tensors(self, ((from_file_key(k), v) for k, v in state.items()), f"save the adapter to {save_directory}",
+                          "Training diverged; pass save_pretrained(..., allow_nonfinite=True) to write it anyway.")
         os.makedirs(save_directory, exist_ok=True)
+        remove_stale_temporaries(save_directory)
+        structure = json.dumps(self.structure)
+        signature = json.dumps(base_signature(self.get_base_model(), self.blocks_path))
         metadata = {
             "format": "pt",
-            "lor2c_structure": json.dumps(self.structure),
-            "lor2c_base": json.dumps(base_signature(self.get_base_model(), self.blocks_path)),
+            "lor2c_structure": structure,
+            "lor2c_base": signature,
+            DIGEST_KEY: tensors_digest(state, structure, signature),
+            CONFIG_DIGEST_KEY: config_digest(self.adapter_config.to_dict()),
         }
         atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=metadata))
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.adapter_config.to_json_string())
@@ -182,6 +282,7 @@ class AdapterIOMixin:
         config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
         saved = read_adapter_config(config_file, type(self), path_or_repo_id)
         tensors, structure, signature = read_adapter(weights_file)
+        check_config_pair(config_file, weights_file, path_or_repo_id)
         check_signature(signature, base_signature(self.get_base_model(), self.blocks_path), path_or_repo_id)
         mismatched = [f"{k}: adapter {getattr(saved, k)!r}, model {getattr(self.adapter_config, k)!r}"
                       for k in self.matching_fields
@@ -196,7 +297,7 @@ class AdapterIOMixin:
                 for k in sorted(tensors) if k in own and own[k].shape != tensors[k].shape]
         if bad:
             raise AdapterLoadError(f"Adapter {path_or_repo_id} tensors do not fit this model: {bad[:5]}. The model was not changed.")
-        structure = self.parse_structure(structure)
+        structure = self._parse_saved_structure(structure, weights_file)  # the last check: nothing changed before it
         with torch.no_grad():
             targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
             for k, v in tensors.items():
@@ -213,10 +314,14 @@ class AdapterIOMixin:
         config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
         config = read_adapter_config(config_file, cls, path_or_repo_id)
         _, _, signature = read_adapter(weights_file)
+        check_config_pair(config_file, weights_file, path_or_repo_id)
         check_signature(signature, base_signature(model, config.blocks_path), path_or_repo_id)
         trainable = {p: p.requires_grad for p in model.parameters()}
         modes = {m: m.training for m in model.modules()}
-        wrapped = cls(model, config)
+        try:
+            wrapped = cls(model, config)  # checks the config against the model before it allocates or hooks anything
+        except ConfigError as e:
+            raise AdapterLoadError(f"{config_file} does not fit this model: {e} The model was not changed.") from None
         try:
             wrapped.load_adapter(os.path.dirname(weights_file))
         except BaseException:  # leave `model` as it came: no hooks, same trainable flags and modes

@@ -6,8 +6,29 @@ the merge/inject decisions (SPEC §4, §5) can be read and tested on their own.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
+
+FIELDS = ("num_blocks", "spans", "owners", "injected", "events")
+
+
+class StructureError(ValueError):
+    """A structure (spans, owners, injected blocks, events) is inconsistent; the message names the field."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        text = repr(value)
+        raise StructureError(f"structure field {name}={text[:200]}{'...' if len(text) > 200 else ''} is invalid: expected {expected}.")
 
 
 @dataclass
@@ -34,16 +55,60 @@ class Structure:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Structure":
+        """A checked copy of `data` (e.g. read from an adapter file): every field is validated, and bounds come
+        before anything is built from them, so no value can make validation itself slow or crash."""
+        if not isinstance(data, dict):
+            raise StructureError(f"a LoR2C structure is a JSON object, got a {type(data).__name__}.")
+        unknown = set(data) - set(FIELDS)
+        missing = {"num_blocks", "spans", "owners"} - set(data)
+        if unknown or missing:
+            raise StructureError(f"structure fields: unknown {sorted(unknown)}, missing {sorted(missing)}; expected {list(FIELDS)}.")
         structure = cls(**copy.deepcopy(data))
         structure.validate()
         return structure
 
     def validate(self) -> None:
-        """Spans are disjoint, ordered, and with the injected blocks cover every block exactly once."""
-        covered = sorted([b for s, e in self.spans for b in range(s, e + 1)] + list(self.injected))
-        if covered != list(range(self.num_blocks)) or len(self.owners) != len(self.spans):
-            raise ValueError(f"Inconsistent LoR2C structure: spans {self.spans}, injected {self.injected}, "
-                             f"owners {self.owners} for {self.num_blocks} blocks.")
+        """Spans are ordered and disjoint, each reads a slot of one of its own blocks (what merges keep), and
+        with the injected blocks they cover every block exactly once; events are well formed."""
+        L = self.num_blocks
+        _require(_is_int(L) and L >= 1, "num_blocks", L, "a positive integer")
+        _require(isinstance(self.spans, list) and all(isinstance(sp, list) and len(sp) == 2 and all(_is_int(b) for b in sp)
+                                                      for sp in self.spans), "spans", self.spans, "a list of [first, last] integer pairs")
+        _require(isinstance(self.owners, list) and all(_is_int(o) for o in self.owners), "owners", self.owners, "a list of integers")
+        _require(isinstance(self.injected, list) and all(_is_int(b) for b in self.injected), "injected", self.injected, "a list of integers")
+        _require(len(self.owners) == len(self.spans), "owners", self.owners, f"one slot per span ({len(self.spans)} spans)")
+        for k, (s, e) in enumerate(self.spans):
+            _require(0 <= s <= e < L, f"spans[{k}]", [s, e], f"0 <= first <= last < {L}")
+            _require(k == 0 or s > self.spans[k - 1][1], f"spans[{k}]", [s, e], f"to start after spans[{k - 1}] (spans in block order)")
+            _require(s <= self.owners[k] <= e, f"owners[{k}]", self.owners[k], f"a slot of the span's own blocks {s}..{e} (merges keep one of them)")
+        _require(all(0 <= b < L for b in self.injected) and self.injected == sorted(set(self.injected)), "injected",
+                 self.injected, f"distinct block indices in [0, {L}) in increasing order")
+        pieces = sorted([(s, e) for s, e in self.spans] + [(b, b) for b in self.injected])
+        covered = all(piece[0] == (pieces[i - 1][1] + 1 if i else 0) for i, piece in enumerate(pieces))
+        _require(covered and bool(pieces) and pieces[-1][1] == L - 1, "spans", self.spans,
+                 f"with injected {self.injected}, to cover blocks 0..{L - 1} exactly once")
+        self._validate_events()
+
+    def _validate_events(self) -> None:
+        _require(isinstance(self.events, list) and all(isinstance(e, dict) for e in self.events), "events", self.events,
+                 "a list of event records")
+        for i, event in enumerate(self.events):
+            where = f"events[{i}]"
+            _require(event.get("kind") in ("merge", "inject"), f"{where}.kind", event.get("kind"), "'merge' or 'inject'")
+            _require(isinstance(event.get("skipped", False), bool), f"{where}.skipped", event.get("skipped"), "true or false")
+            _require(event.get("step") is None or _is_int(event["step"]) and event["step"] >= 0, f"{where}.step",
+                     event.get("step"), "null or an integer >= 0")
+            _require(event.get("epoch") is None or _is_finite(event["epoch"]), f"{where}.epoch", event.get("epoch"), "null or a finite number")
+            blocks, scores = event.get("blocks", []), event.get("scores", [])
+            _require(isinstance(blocks, list) and all(_is_int(b) and 0 <= b < self.num_blocks for b in blocks),
+                     f"{where}.blocks", blocks, f"block indices in [0, {self.num_blocks})")
+            _require(isinstance(scores, list) and all(_is_finite(x) for x in scores), f"{where}.scores", scores, "finite numbers")
+            _require(event.get("skipped", False) or bool(blocks), f"{where}.blocks", blocks, "the blocks of a performed event")
+        injects = sum(1 for e in self.events if e["kind"] == "inject" and not e.get("skipped"))
+        merges = sum(1 for e in self.events if e["kind"] == "merge" and not e.get("skipped"))
+        _require(injects <= len(self.injected), "events", f"{injects} injects", f"at most the {len(self.injected)} injected blocks")
+        _require(merges <= self.num_blocks - len(self.spans) - len(self.injected), "events", f"{merges} merges",
+                 f"at most the {self.num_blocks - len(self.spans) - len(self.injected)} merges the spans show")
 
     def count(self, kind: str) -> int:
         return sum(1 for e in self.events if e["kind"] == kind)

@@ -15,7 +15,8 @@ from transformers import Trainer
 
 from .adapter_trainer import AdapterTrainerMixin
 from .callback import LoR2CCallback
-from .config import LoR2CConfig
+from .checkpoint_io import CheckpointIOMixin
+from .config import LoR2CConfig, check_adapter_config
 from .model import LoR2CModel, get_lor2c_model
 from .reslora import ResLoRAModel, get_reslora_model
 from .reslora_config import ResLoRAConfig
@@ -27,16 +28,20 @@ def _conflicting_fields(given: Any, actual: Any) -> list[str]:
             if getattr(given, f.name) is not None and getattr(given, f.name) != getattr(actual, f.name, None)]
 
 
-class LoR2CTrainer(AdapterTrainerMixin, Trainer):
-    """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`).
+class LoR2CTrainer(AdapterTrainerMixin, CheckpointIOMixin, Trainer):
+    """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model; not needed for a `LoR2CModel`)
+    and `stop_on_nonfinite` (default True: stop at the step that makes the adapter NaN or Inf).
 
     A `ResLoRAConfig` (or a `ResLoRAModel`) trains ResLoRA the same way; it has no structure events.
     """
 
     def __init__(self, model: Optional[torch.nn.Module] = None, args: Any = None, *trainer_args: Any,
-                 lor2c_config: Optional[Union[LoR2CConfig, ResLoRAConfig]] = None, **trainer_kwargs: Any) -> None:
+                 lor2c_config: Optional[Union[LoR2CConfig, ResLoRAConfig]] = None, stop_on_nonfinite: bool = True,
+                 **trainer_kwargs: Any) -> None:
         if model is None:
             raise ValueError("LoR2CTrainer needs a model (a transformers model or a LoR2CModel); model_init is not supported.")
+        if lor2c_config is not None:
+            check_adapter_config(lor2c_config, (LoR2CConfig, ResLoRAConfig), "LoR2CTrainer(lor2c_config=...)")
         if isinstance(model, (LoR2CModel, ResLoRAModel)):
             conflicts = _conflicting_fields(lor2c_config, model.adapter_config) if lor2c_config is not None else []
             if conflicts:
@@ -52,7 +57,7 @@ class LoR2CTrainer(AdapterTrainerMixin, Trainer):
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         # One schedule callback: a LoR2CCallback the caller passed in `callbacks` is bound to this trainer.
         given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LoR2CCallback)]
-        self.lor2c_callback = given[0] if given else LoR2CCallback()
+        self.lor2c_callback = given[0] if given else LoR2CCallback(stop_on_nonfinite=stop_on_nonfinite)
         self.lor2c_callback.trainer = self
         if not given:
             self.add_callback(self.lor2c_callback)

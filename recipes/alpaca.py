@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, set_seed
 
 from common import (
     AdapterArguments, ModelArguments, RecipeArgumentParser, RecipeError, RecipeTrainingArguments, check_model_arguments,
-    check_ranks_agree, describe_batch, load_data, load_model, load_tokenizer, main_print, perplexity,
-    prepare_training_namespace, require_columns, run_recipe, unwrap_model, validate_adapter_arguments,
+    check_positive, check_ranks_agree, describe_batch, load_data, load_model, load_tokenizer, main_print, perplexity,
+    prepare_training_namespace, require_columns, require_text, run_recipe, unwrap_model, validate_adapter_arguments,
     world_size_from_env, wrap_model,
 )
 
@@ -103,6 +103,7 @@ def prepare_data(data_args: AlpacaDataArguments, tokenizer: Any, seed: int) -> t
     """(train, held-out) tokenized; examples whose labels are all masked are dropped (they carry no loss)."""
     raw = load_data(data_args.dataset_name, "--dataset_name")
     require_columns(raw, COLUMNS, "--dataset_name", data_args.dataset_name, "yahma/alpaca-cleaned (instruction, input, output)")
+    require_text(raw, ("instruction", "input", "output"), "--dataset_name", data_args.dataset_name, nullable=("input",))
     if data_args.val_set_size >= len(raw) or data_args.val_set_size < 0:
         raise RecipeError(f"--val_set_size {data_args.val_set_size} leaves no training data in --dataset_name "
                           f"{data_args.dataset_name} ({len(raw)} examples); pass a smaller value.")
@@ -121,7 +122,12 @@ def prepare_data(data_args: AlpacaDataArguments, tokenizer: Any, seed: int) -> t
                                 desc="tokenize")
         return tokenized.filter(lambda labels: any(t != -100 for t in labels), input_columns="labels", desc="drop fully masked")
 
-    return tokenize(train), tokenize(held_out) if held_out is not None else None
+    train = tokenize(train)
+    if len(train) == 0:
+        raise RecipeError(f"every training example of --dataset_name {data_args.dataset_name} has its labels fully masked "
+                          f"(--train_on_inputs false with prompts of --cutoff_len {data_args.cutoff_len} tokens or more): "
+                          "nothing to learn; raise --cutoff_len or pass --train_on_inputs true.")
+    return train, tokenize(held_out) if held_out is not None else None
 
 
 def generate_showcase(model: torch.nn.Module, tokenizer: Any, device: torch.device, max_new_tokens: int) -> list[dict[str, str]]:
@@ -144,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     push: dict[str, Any] = {}
 
     def prepare(namespace: Any) -> None:
+        check_positive(namespace.cutoff_len, "--cutoff_len")
+        check_positive(namespace.max_train_samples, "--max_train_samples", allow_none=True)
         prepare_training_namespace(namespace)
         if namespace.output_dir is None:
             namespace.output_dir = os.path.join("out", f"alpaca-{namespace.method}")

@@ -204,9 +204,25 @@ def derive_gradient_accumulation(namespace: Any, world_size: Optional[int] = Non
     namespace.gradient_accumulation_steps = accumulation
 
 
+def check_training_length(namespace: Any) -> None:
+    """Some training must happen: a positive finite --num_train_epochs, unless --max_steps (> 0) sets the length."""
+    epochs, max_steps = namespace.num_train_epochs, namespace.max_steps
+    if not math.isfinite(epochs) or epochs < 0 or (epochs == 0 and (max_steps is None or max_steps <= 0)):
+        raise RecipeError(f"--num_train_epochs {epochs} must be a positive number (or set --max_steps > 0); "
+                          "it would save an untrained adapter.")
+
+
+def check_positive(value: Optional[int], flag: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 1:
+        raise RecipeError(f"{flag} {value} must be a positive integer.")
+
+
 def prepare_training_namespace(namespace: Any) -> None:
     """Derive what `TrainingArguments` must see at construction: the accumulation for the global batch, and
     CPU processes (gloo) when a launcher started several processes on a machine without CUDA."""
+    check_training_length(namespace)
     derive_gradient_accumulation(namespace)
     if world_size_from_env() > 1 and not torch.cuda.is_available():
         namespace.use_cpu = True
@@ -349,6 +365,7 @@ def load_data(name: str, flag: str = "--dataset_name", split: str = "train"):
             builder = DATA_FILE_BUILDERS.get(os.path.splitext(source)[1].lower())
             if builder is None:
                 raise RecipeError(f"{flag} {name}: unsupported file type; pass {DATA_HINT}.")
+            check_data_file(source, flag, name, text=builder in ("json", "csv"))
             loaded = datasets.load_dataset(builder, data_files=source, split="train")
         elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, m)) for m in SAVE_TO_DISK_MARKERS):
             loaded = datasets.load_from_disk(source)
@@ -365,11 +382,40 @@ def load_data(name: str, flag: str = "--dataset_name", split: str = "train"):
     return loaded
 
 
+def check_data_file(path: str, flag: str, name: str, text: bool) -> None:
+    """An empty file, or a text file (json, jsonl, csv) that is not UTF-8, is named before `datasets` reads it
+    (which fails on them with a raw StopIteration or UnicodeDecodeError)."""
+    if os.path.getsize(path) == 0:
+        raise RecipeError(f"{flag} {name} is empty; pass {DATA_HINT}.")
+    if not text:
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecipeError(f"{flag} {name} line {number} is not UTF-8 text (byte {line[err.start]:#04x}); "
+                                  "convert it, e.g. iconv -f latin1 -t utf-8.") from None
+
+
 def require_columns(dataset: Any, required: Sequence[str], flag: str, name: str, example: str) -> None:
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
         raise RecipeError(f"{flag} {name} has columns {dataset.column_names} but lacks {missing}; "
                           f"expected {list(required)}, as in {example}.")
+    if len(dataset) == 0:
+        raise RecipeError(f"{flag} {name} has no rows; expected examples with columns {list(required)}, as in {example}.")
+
+
+def require_text(dataset: Any, columns: Sequence[str], flag: str, name: str, nullable: Sequence[str] = ()) -> None:
+    """Every value of `columns` is a string (None only in `nullable` ones): a number or a null would otherwise be
+    trained on as the text "42" or "None", or crash the tokenizer mid-run."""
+    for column in [c for c in columns if c in dataset.column_names]:
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str) and not (value is None and column in nullable):
+                allowed = "text (a string) or null" if column in nullable else "text (a string)"
+                raise RecipeError(f"{flag} {name}: row {row} has {column}={value!r} ({type(value).__name__}); "
+                                  f"expected {allowed} in every row.")
 
 
 # --- adapters ------------------------------------------------------------------------------------------------
@@ -394,7 +440,11 @@ def lor2c_config_from(adapter: AdapterArguments) -> LoR2CConfig:
 def peft_lora_config(adapter: AdapterArguments, model: torch.nn.Module, task_type: str):
     from peft import LoraConfig
 
-    return LoraConfig(r=adapter.r or 8, lora_alpha=adapter.lora_alpha or 16,
+    r = 8 if adapter.r is None else adapter.r
+    alpha = 16 if adapter.lora_alpha is None else adapter.lora_alpha
+    if r < 1 or not (math.isfinite(alpha) and alpha > 0):
+        raise RecipeError(f"--method lora: --r {r} must be a positive integer and --lora_alpha {alpha} a finite positive number.")
+    return LoraConfig(r=r, lora_alpha=alpha,
                       lora_dropout=adapter.lora_dropout if adapter.lora_dropout is not None else 0.05,
                       target_modules=adapter.target_modules or default_qv_targets(model), task_type=task_type)
 

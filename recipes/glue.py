@@ -27,7 +27,7 @@ from transformers import (
 
 from common import (
     AdapterArguments, ModelArguments, RecipeArgumentParser, RecipeError, RecipeTrainingArguments, check_model_arguments,
-    check_ranks_agree, describe_batch, draw_structure, hub_error, load_model, load_tokenizer, main_print, one_line,
+    check_positive, check_ranks_agree, describe_batch, draw_structure, hub_error, load_model, load_tokenizer, main_print, one_line,
     prepare_training_namespace, run_recipe, unwrap_model, validate_adapter_arguments, wrap_model,
 )
 
@@ -142,10 +142,17 @@ def read_tsv_rows(path: str) -> list[tuple[int, list[str]]]:
     """(line number, fields) of each non-empty line; tabs only separate fields (GLUE's files are unquoted), and
     fields are stripped (some copies of GLUE carry a carriage return before each tab)."""
     rows = []
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append((number, [cell.strip() for cell in line.rstrip("\n").split("\t")]))
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise RecipeError(f"--data_dir: {path} line {line} is not UTF-8 text (byte {raw[err.start]:#04x}); GLUE's files "
+                          "are UTF-8: convert it, e.g. iconv -f latin1 -t utf-8.") from None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            rows.append((number, [cell.strip() for cell in line.split("\t")]))
     return rows
 
 
@@ -375,6 +382,16 @@ def eval_data_source(data_args: GlueDataArguments, task: GlueTask) -> str:
 # --- main ----------------------------------------------------------------------------------------------------
 
 
+def check_best_metric(name: str, task: GlueTask) -> None:
+    """--metric_for_best_model is one the task reports (with or without eval_), else Trainer fails after epoch 1."""
+    from lor2c_hf.metrics import TASK_METRICS
+
+    known = ("loss",) + TASK_METRICS[task.name]
+    if name.removeprefix("eval_") not in known:
+        raise RecipeError(f"--metric_for_best_model {name!r} is not reported for {task.name}: expected one of "
+                          f"{', '.join(known)} (optionally with eval_).")
+
+
 def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], prog: str,
                     sections: Optional[dict[str, type]] = None, description: Optional[str] = None) -> tuple:
     """(model, adapter, data, training, *any further sections) arguments, checked before anything is loaded."""
@@ -388,6 +405,10 @@ def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], pro
             namespace.metric_for_best_model = task.best_metric
         if namespace.eval_only:
             namespace.load_best_model_at_end = False
+        check_best_metric(namespace.metric_for_best_model, task)
+        check_positive(namespace.max_seq_length, "--max_seq_length")
+        for flag in ("max_train_samples", "max_eval_samples"):
+            check_positive(getattr(namespace, flag), f"--{flag}", allow_none=True)
 
     parser = RecipeArgumentParser(sections or SECTIONS, prog=prog, description=description or __doc__.split("\n\n")[0])
     parsed = parser.parse(argv, defaults=defaults, prepare=prepare)

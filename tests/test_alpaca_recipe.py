@@ -288,6 +288,27 @@ def typo_config(workdir):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def bad_data(workdir):
+    """Data files with one defect each: no rows, latin-1 bytes, numbers as outputs, null instructions."""
+    rows = read_rows()[:6]
+    files = {
+        "empty": "",
+        "latin1": None,
+        "numeric": "".join(json.dumps({**r, "output": i}) + "\n" for i, r in enumerate(rows)),
+        "null": "".join(json.dumps({**r, "instruction": None if i == 3 else r["instruction"]}) + "\n" for i, r in enumerate(rows)),
+    }
+    paths = {}
+    for name, text in files.items():
+        path = workdir / f"bad-{name}.jsonl"
+        if text is None:
+            path.write_bytes("".join(json.dumps({**r, "output": "caf\u00e9"}, ensure_ascii=False) + "\n" for r in rows).encode("latin-1"))
+        else:
+            path.write_text(text, encoding="utf-8")
+        paths[name] = str(path)
+    return paths
+
+
 BNB_ON_GPU = bool(torch.cuda.is_available() and __import__("importlib").util.find_spec("bitsandbytes"))
 BAD_INPUTS = {
     "unknown-method": (["--method", "dora"], "--method 'dora' is unknown: expected one of lora, lor2c"),
@@ -302,6 +323,17 @@ BAD_INPUTS = {
     "both-quantizations": (["--load_in_4bit", "--load_in_8bit"], "--load_in_4bit and --load_in_8bit exclude each other"),
     "yaml-typo": (["--config", "{typo_config}"], "'lerning_rate' is not a field of section 'training'"),
     "cli-typo": (["--lerning_rate", "0.1"], "unrecognized arguments: --lerning_rate 0.1"),
+    "empty-data-file": (["--dataset_name", "{empty}"], "bad-empty.jsonl is empty; pass a json/jsonl"),
+    "latin1-data-file": (["--dataset_name", "{latin1}"], "bad-latin1.jsonl line 1 is not UTF-8 text (byte 0xe9)"),
+    "numeric-outputs": (["--dataset_name", "{numeric}"], "row 0 has output=0 (int); expected text (a string) in every row"),
+    "null-instruction": (["--dataset_name", "{null}"], "row 3 has instruction=None (NoneType); expected text (a string)"),
+    "zero-cutoff": (["--cutoff_len", "0"], "--cutoff_len 0 must be a positive integer"),
+    "negative-cutoff": (["--cutoff_len", "-5"], "--cutoff_len -5 must be a positive integer"),
+    "every-example-masked": (["--train_on_inputs", "false", "--cutoff_len", "8"], "every training example of --dataset_name"),
+    "negative-max-train-samples": (["--max_train_samples", "-3"], "--max_train_samples -3 must be a positive integer"),
+    "negative-epochs": (["--max_steps", "-1", "--num_train_epochs", "-1"], "--num_train_epochs -1.0 must be a positive number"),
+    "lora-rank-zero": (["--method", "lora", "--r", "0"], "--method lora: --r 0 must be a positive integer"),
+    "infinite-alpha": (["--lora_alpha", "inf"], "LoR2CConfig.lora_alpha=inf is invalid: expected a finite positive number"),
 }
 if not BNB_ON_GPU:
     BAD_INPUTS["4bit-without-bitsandbytes-gpu"] = (["--load_in_4bit"], "--load_in_4bit needs")
@@ -309,9 +341,9 @@ if not BNB_ON_GPU:
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_before_training(workdir, wrong_columns, typo_config, capsys, case):
+def test_bad_input_is_one_line_before_training(workdir, wrong_columns, typo_config, bad_data, capsys, case):
     extra, expected = BAD_INPUTS[case]
-    extra = [a.format(wrong_columns=wrong_columns, typo_config=typo_config) for a in extra]
+    extra = [a.format(wrong_columns=wrong_columns, typo_config=typo_config, **bad_data) for a in extra]
     out = workdir / f"bad-{case}"
     rc = run_recipe(alpaca.main, tiny_args(workdir, str(out), "lor2c") + extra, prog="alpaca.py")
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alpaca.py: error:")]

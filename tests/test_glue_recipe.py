@@ -388,6 +388,12 @@ def bad_files(workdir):
     for name, (task, lines) in cases.items():
         write_lines(bad / name / "train.tsv", lines)
         write_lines(bad / name / "dev.tsv", tsv_lines(task, ROWS[task]["dev"]))
+    latin1 = bad / "SST-2-latin1"
+    latin1.mkdir()
+    (latin1 / "train.tsv").write_bytes("sentence\tlabel\na fine film\t1\na caf\u00e9 scene\t0\n".encode("latin-1"))
+    write_lines(latin1 / "dev.tsv", tsv_lines("sst2", ROWS["sst2"]["dev"]))
+    write_lines(bad / "SST-2-empty" / "train.tsv", [])
+    write_lines(bad / "SST-2-empty" / "dev.tsv", tsv_lines("sst2", ROWS["sst2"]["dev"]))
     (bad / "not-an-adapter").mkdir()
     return bad
 
@@ -408,6 +414,14 @@ BAD_INPUTS = {
     "adapter-without-eval-only": ("sst2", ["--adapter", "{bad}/not-an-adapter"], "--adapter is read only with --eval_only"),
     "adapter-folder-without-config": ("sst2", ["--eval_only", "--adapter", "{bad}/not-an-adapter"], "no adapter_config.json there"),
     "yaml-field-in-cli-typo": ("sst2", ["--lerning_rate", "0.1"], "unrecognized arguments: --lerning_rate 0.1"),
+    "latin1-file": ("sst2", ["--data_dir", "{bad}/SST-2-latin1"], "SST-2-latin1/train.tsv line 3 is not UTF-8 text (byte 0xe9)"),
+    "empty-file": ("sst2", ["--data_dir", "{bad}/SST-2-empty"], "SST-2-empty/train.tsv is empty; expected GLUE's SST-2 layout"),
+    "zero-max-seq-length": ("sst2", ["--max_seq_length", "0"], "--max_seq_length 0 must be a positive integer"),
+    "negative-max-train-samples": ("sst2", ["--max_train_samples", "-1"], "--max_train_samples -1 must be a positive integer"),
+    "negative-max-eval-samples": ("sst2", ["--max_eval_samples", "-2"], "--max_eval_samples -2 must be a positive integer"),
+    "metric-the-task-lacks": ("sst2", ["--metric_for_best_model", "f1"], "--metric_for_best_model 'f1' is not reported for sst2: expected one of loss, accuracy"),
+    "negative-epochs": ("sst2", ["--num_train_epochs", "-2"], "--num_train_epochs -2.0 must be a positive number"),
+    "lora-rank-zero": ("sst2", ["--method", "lora", "--r", "0"], "--method lora: --r 0 must be a positive integer"),
 }
 
 

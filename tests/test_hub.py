@@ -268,6 +268,7 @@ def test_trainer_push_to_hub_sends_only_the_adapter_and_our_card_with_eval_metri
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "structure.png"} <= set(files)
     assert "](structure.png)" in files["README.md"].decode()
     assert "model.safetensors" not in files and "pytorch_model.bin" not in files
+    assert hub.token.encode() not in files["training_args.bin"]  # the pickled arguments travel without the token
     card = files["README.md"].decode()
     assert "library_name: lor2c-hf" in card and "mergelor2c" in card
     assert f"**eval_loss**: {eval_loss}" in card
