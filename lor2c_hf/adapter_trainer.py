@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
+from .checkpoint_io import pickle_without_tokens, resolve_resume
 from .model import LoR2CModel
 from .model_card import write_model_card
 from .serialization import AdapterIOMixin
@@ -59,6 +60,7 @@ class AdapterTrainerMixin:
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
+        resolve_resume(resume_from_checkpoint, self.args.output_dir)  # an incomplete checkpoint is refused
         unwrap_adapter(model if model is not None else self.model).load_adapter(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
@@ -81,5 +83,6 @@ def adopt_trainer(trainer: Trainer) -> None:
     """Bind the adapter's checkpoint methods to `trainer` (a `Trainer` of any class that is not already one)."""
     if isinstance(trainer, AdapterTrainerMixin):
         return
+    pickle_without_tokens(trainer.args)  # checkpoints' training_args.bin without the Hub token
     for name in ADOPTED_METHODS:
         setattr(trainer, name, MethodType(getattr(AdapterTrainerMixin, name), trainer))

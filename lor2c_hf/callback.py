@@ -19,6 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapter_trainer import adopt_trainer, unwrap_adapter
 from .atomic import atomic_write_text
+from .checkpoint_io import CheckpointIOMixin, mark_complete
 from .guards import check_training_step
 from .model import LoR2CModel
 from .schedule import due_events, epoch_points, step_points
@@ -170,10 +171,14 @@ class LoR2CCallback(TrainerCallback):
         self.on_log(args, state, control)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
-        if not state.is_world_process_zero or _scheduled(model) is None:
+        if not state.is_world_process_zero:
             return
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(checkpoint):
+        if not os.path.isdir(checkpoint):
+            return
+        if _scheduled(model) is not None:
             payload = {"structure": unwrap_lor2c(model).structure,
                        "merge_points": self.merge_points, "inject_points": self.inject_points}
             atomic_write_text(os.path.join(checkpoint, STRUCTURE_FILE), json.dumps(payload, indent=1))
+        if not isinstance(self.trainer, CheckpointIOMixin):  # an adopted trainer: its files are all written now
+            mark_complete(checkpoint)

@@ -29,6 +29,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 from transformers.utils import find_labels
 from trl import SFTConfig, SFTTrainer
 
+from lor2c_hf.checkpoint_io import MANIFEST_NAME, CheckpointError, checkpoint_problem
 from lor2c_hf import (AdapterLoadError, AutoLoR2CModelForCausalLM, AutoLoR2CModelForSequenceClassification,
                       LoR2CCallback, LoR2CConfig, LoR2CModel, LoR2CTrainer, ResLoRAConfig, get_lor2c_model,
                       get_reslora_model)
@@ -74,6 +75,7 @@ def assert_adapter_only_checkpoints(out) -> None:
     for name in checkpoints:
         files = set(os.listdir(os.path.join(out, name)))
         assert ADAPTER_FILES <= files and not files & {"model.safetensors", "pytorch_model.bin"}, (name, files)
+        assert checkpoint_problem(os.path.join(out, name)) is None  # a manifest: complete, resumable
 
 
 def vocab_ids(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> torch.Tensor:
@@ -412,3 +414,19 @@ def test_events_under_fsdp_are_refused_before_the_first_step(tmp_path, cls_setup
                 callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
         else:
             callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+
+
+def test_callback_road_checkpoints_keep_no_token_and_incomplete_ones_are_refused(tmp_path, cls_setup):
+    base_dir, data = cls_setup
+    trainer = cls_trainer("callback", base_dir, data, tmp_path / "run", imlor2c())
+    trainer.args.hub_token = "hf_not_to_be_written"
+    trainer.args.max_steps = 4
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    saved = torch.load(checkpoint / "training_args.bin", weights_only=False)
+    assert saved.hub_token is None and trainer.args.hub_token == "hf_not_to_be_written"
+    os.remove(checkpoint / MANIFEST_NAME)  # as if the process died before the checkpoint was complete
+    again = cls_trainer("callback", base_dir, data, tmp_path / "again", imlor2c())
+    with pytest.raises(CheckpointError, match="checkpoint-3.*cannot be resumed.*no lor2c_checkpoint.json"):
+        again.train(resume_from_checkpoint=str(checkpoint))
+    assert again.state.global_step == 0
