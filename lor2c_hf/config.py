@@ -16,6 +16,7 @@ METHODS = ("lor2c", "sharelor2c", "mergelor2c", "injectlor2c", "imlor2c")
 MERGE_CRITERIA = ("paper", "official")
 MERGE_KEEP = ("paper", "official")
 SCHEDULES = ("epochs", "steps")
+ZERO_B_SCORES = ("spec", "official")
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -82,6 +83,7 @@ class LoR2CConfig(AdapterConfigIO):
     sfs_top_k: int = field(default=2, metadata={"help": "k of the SFS score: share of the top-k singular values counted as rho."})
     merge_criterion: str = field(default="paper", metadata={"help": "Which adjacent pair merges: 'paper' = lowest summed SFS, 'official' = lowest summed rho (authors' code)."})
     merge_keep: str = field(default="paper", metadata={"help": "Whose A, B survive a merge: 'paper' = the span with higher SFS, 'official' = the lower block's span."})
+    zero_b_score: str = field(default="spec", metadata={"help": "How a connection whose B is still all zeros is scored: 'spec' = 0 information (rho = 1, SFS = 0); 'official' = as the authors' code, rho = 0 (SFS = 1): merged first under merge_criterion='official', injected last."})
     inject_r: Optional[int] = field(default=None, metadata={"help": "Rank of the LoRA injected on q and v (default r // 2, at least 1)."})
     inject_alpha: float = field(default=16, metadata={"help": "lora_alpha of the injected LoRA."})
     inject_dropout: float = field(default=0.05, metadata={"help": "Dropout of the injected LoRA."})
@@ -103,6 +105,7 @@ class LoR2CConfig(AdapterConfigIO):
         _check(self.merge_criterion in MERGE_CRITERIA, "merge_criterion", self.merge_criterion, f"one of {MERGE_CRITERIA}")
         _check(self.merge_keep in MERGE_KEEP, "merge_keep", self.merge_keep, f"one of {MERGE_KEEP}")
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(self.zero_b_score in ZERO_B_SCORES, "zero_b_score", self.zero_b_score, f"one of {ZERO_B_SCORES}")
         _check(self.inject_alpha > 0, "inject_alpha", self.inject_alpha, "a positive number")
         if self.inject_r is None:
             self.inject_r = max(1, self.r // 2)

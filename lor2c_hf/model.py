@@ -163,6 +163,9 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
             a = self.lor2c.lora_A[0] if self.lor2c.share_a else torch.stack([self.lor2c.lora_A[s] for s in slots])
             b = torch.stack([self.lor2c.lora_B[s] for s in slots])
             scores = sfs_scores(a, b, self.lor2c_config.sfs_top_k)
+        if self.lor2c_config.zero_b_score == "official":  # the authors' code: an all-zero B A has rho = 0
+            rho = torch.where(scores.zero, torch.zeros_like(scores.rho), scores.rho)
+            scores = SFSScores(sfs=1.0 - rho, rho=rho, zero=scores.zero)
         return scores
 
     # --- events --------------------------------------------------------------------------------------------
@@ -185,7 +188,8 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         sfs, rho = scores[0].tolist(), scores[1].tolist()
         zero_blocks = [s.spans[i] for i, z in enumerate(scores[2].tolist()) if z]
         if zero_blocks:
-            logger.info("LoR2C SFS: connections %s have B = 0 (no defined SFS); scored as 0 information.", zero_blocks)
+            logger.info("LoR2C SFS: connections %s have B = 0 (no defined SFS); scored as %s.", zero_blocks,
+                        "rho = 0, as the authors' code" if c.zero_b_score == "official" else "0 information")
         before = self.num_adapter_parameters()
         if kind == "merge":
             choice = broadcast_decision(s.choose_merge(sfs, rho, c.merge_criterion, c.merge_keep))
