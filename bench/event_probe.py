@@ -226,12 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     probe_batch = DataCollatorWithPadding(tokenizer)([probe_rows[i] for i in range(len(probe_rows))])
     name = args.name or ("event_probe_smoke" if args.smoke else "event_probe")
     path = os.path.join(args.output_dir, f"{name}.json")
-    payload = quality.read_json(path) if os.path.isfile(path) else {}
-    if payload and payload.get("hyperparameters") != quality.dataclasses.asdict(hp):
-        raise quality.BenchError(f"{path} holds runs with other hyper-parameters; pass another --name.")
+    data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds)}
+    payload = quality.resumed_payload(path, False, hp, data) or {}
     payload.update({"benchmark": "event_probe", "smoke": args.smoke, "machine": quality.machine(),
-                    "model": quality.model_label(model_dir), "data": {"dir": data_dir, "train_rows": len(train_ds),
-                    "eval_rows": len(eval_ds), "probe_rows": len(probe_rows)},
+                    "model": quality.model_label(model_dir), "data": data, "probe_rows": len(probe_rows),
                     "hyperparameters": quality.dataclasses.asdict(hp), "seed": args.seed})
     runs = payload.setdefault("runs", {})
     with tempfile.TemporaryDirectory(prefix="lor2c-probe-") as work_dir:

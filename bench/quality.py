@@ -52,8 +52,8 @@ MATCH_TOLERANCE_POINTS = 1.0
 LOSS_CURVE_EVERY = 10  # optimizer steps between the training-loss points stored with every run
 RULES = ("paper", "official")
 # The long-budget preset (`--preset long`): the paper's regime, where events end in the first third of training.
-LONG_METHODS = ("lora", "lor2c", "sharelor2c", "reslora", "mergelor2c", "injectlor2c", "imlor2c:paper/paper",
-                "imlor2c:official/official", "imlor2c:paper/official", "imlor2c:official/paper")
+LONG_METHODS = ("lor2c", "imlor2c:paper/paper", "imlor2c:official/official", "lora", "imlor2c:paper/official",
+                "imlor2c:official/paper", "mergelor2c", "injectlor2c", "sharelor2c", "reslora")  # run in this order
 PRESETS: dict[str, dict[str, Any]] = {
     "long": dict(name="quality_long", methods=",".join(LONG_METHODS), train_size=1000,
                  hparams=dict(epochs=12, schedule="epochs")),
@@ -465,6 +465,13 @@ def budget(hp: HParams) -> str:
     return f"{hp.epochs:g} epochs" if hp.epochs else f"{hp.max_steps} steps"
 
 
+def _same_data(data: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What must agree for runs to continue: the rows and the data folder's name (a checkout may move)."""
+    data = dict(data or {})
+    data["dir"] = os.path.basename(os.path.normpath(data.get("dir", "")))
+    return data
+
+
 def resumed_payload(path: str, fresh: bool, hp: HParams, data: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The earlier payload at `path` to continue (its runs are skipped), or None to start afresh.
 
@@ -474,7 +481,7 @@ def resumed_payload(path: str, fresh: bool, hp: HParams, data: dict[str, Any]) -
         return None
     payload = read_json(path)
     defaults = dataclasses.asdict(HParams())  # a field added since the file was written had its default there
-    if {**defaults, **payload.get("hyperparameters", {})} != dataclasses.asdict(hp) or payload.get("data") != data:
+    if {**defaults, **payload.get("hyperparameters", {})} != dataclasses.asdict(hp) or _same_data(payload.get("data")) != _same_data(data):
         raise BenchError(f"{path} holds runs with other hyper-parameters or data; pass --fresh to replace it or "
                          "--name to write another file.")
     return payload
