@@ -90,6 +90,18 @@ class RecipeTrainingArguments(TrainingArguments):
     global_batch_size: int = field(default=0, metadata={"help": "Examples per optimizer step over all processes; gradient accumulation = global / (per-device batch x processes). 0: use --gradient_accumulation_steps as given."})
 
 
+@dataclass
+class GlueTrainingArguments(RecipeTrainingArguments):
+    """`RecipeTrainingArguments` plus recipes/glue.py's task-head learning rate and M x N grid search (defined here,
+    not in glue.py, so the `training_args.bin` it pickles loads wherever `common` imports)."""
+
+    head_learning_rate_ratio: float = field(default=1.0, metadata={"help": "Learning rate of the task head (e.g. RoBERTa's classifier) as a multiple of --learning_rate; the authors' GLUE script trains it at 0.5 (lr / 2)."})
+    search_mn: bool = field(default=False, metadata={"help": "Before training, grid-search M (merges) x N (injects) over --search_values on the dev set (LoR2CTrainer.hyperparameter_search with Optuna, a fresh model per trial, each scored by its best epoch), write mn_search.json and the heatmap mn_search.png to --output_dir, then train with the best pair. Needs --method imlor2c."})
+    search_values: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "With --search_mn: the values of M and of N (pairs with more events than the model allows are skipped)."})
+    search_merge_rules: bool = field(default=False, metadata={"help": "With --search_mn: also search merge_criterion x merge_keep (paper / official each), 4 times the trials."})
+    search_epochs: Optional[float] = field(default=None, metadata={"help": "With --search_mn: epochs per trial (default: --num_train_epochs)."})
+
+
 class RecipeArgumentParser(HfArgumentParser):
     """`HfArgumentParser` whose errors are one line (no usage dump) and which reads `--config <yaml>`.
 

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from common import (
-    AdapterArguments, ModelArguments, RecipeArgumentParser, RecipeError, RecipeTrainingArguments, check_model_arguments,
+    AdapterArguments, GlueTrainingArguments, ModelArguments, RecipeArgumentParser, RecipeError, check_model_arguments,
     check_ranks_agree, describe_batch, draw_structure, hub_error, load_model, load_tokenizer, lor2c_config_from,
     main_print, one_line, prepare_training_namespace, run_recipe, unwrap_model, validate_adapter_arguments, wrap_model,
 )
@@ -103,17 +103,6 @@ class GlueDataArguments:
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Score only the first N dev examples (quick runs)."})
     eval_only: bool = field(default=False, metadata={"help": "Do not train: score the adapter in --adapter on the dev set and write the report."})
     adapter: Optional[str] = field(default=None, metadata={"help": "With --eval_only: a saved adapter folder (LoR2C family, ResLoRA, or PEFT LoRA)."})
-
-
-@dataclass
-class GlueTrainingArguments(RecipeTrainingArguments):
-    """`RecipeTrainingArguments` plus the task head's learning rate and the M x N grid search."""
-
-    head_learning_rate_ratio: float = field(default=1.0, metadata={"help": "Learning rate of the task head (e.g. RoBERTa's classifier) as a multiple of --learning_rate; the authors' GLUE script trains it at 0.5 (lr / 2)."})
-    search_mn: bool = field(default=False, metadata={"help": "Before training, grid-search M (merges) x N (injects) over --search_values on the dev set (LoR2CTrainer.hyperparameter_search with Optuna, a fresh model per trial, each scored by its best epoch), write mn_search.json and the heatmap mn_search.png to --output_dir, then train with the best pair. Needs --method imlor2c."})
-    search_values: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "With --search_mn: the values of M and of N (pairs with more events than the model allows are skipped)."})
-    search_merge_rules: bool = field(default=False, metadata={"help": "With --search_mn: also search merge_criterion x merge_keep (paper / official each), 4 times the trials."})
-    search_epochs: Optional[float] = field(default=None, metadata={"help": "With --search_mn: epochs per trial (default: --num_train_epochs)."})
 
 
 SECTIONS = {"model": ModelArguments, "adapter": AdapterArguments, "data": GlueDataArguments, "training": GlueTrainingArguments}
