@@ -177,7 +177,7 @@ def plot_mn_heatmap(scores: dict[tuple[int, int], float], path: str, title: Opti
     for (m, n), value in scores.items():
         grid[ms.index(m), ns.index(n)] = value
     best_m, best_n = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
-    fig, ax = plt.subplots(figsize=(1.0 * len(ns) + 2.4, 0.8 * len(ms) + 1.8))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.0 * len(ns) + 2.4), max(4.0, 0.8 * len(ms) + 1.8)))
     try:
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
         for i, m in enumerate(ms):
@@ -193,7 +193,7 @@ def plot_mn_heatmap(scores: dict[tuple[int, int], float], path: str, title: Opti
         ax.set_xlabel("N (injects)")
         ax.set_ylabel("M (merges)")
         fig.colorbar(image, ax=ax, label=metric)
-        ax.set_title(title or f"{metric} per (M, N); best M={best_m}, N={best_n}", fontsize=9)
+        ax.set_title(title or f"{metric} per (M, N); best M={best_m}, N={best_n}", fontsize=8)
         fig.tight_layout()
         from .serialization import atomic_write
 
