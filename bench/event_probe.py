@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -44,18 +43,6 @@ from lor2c_hf import LoR2CModel
 DEFAULT_VARIANTS = ("imlor2c:paper/paper", "imlor2c:official/official", "imlor2c:paper/official",
                     "imlor2c:official/paper", "fixed:imlor2c:paper/paper", "lor2c")
 PROBE_ROWS = 128
-
-
-def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
-    """(method, HParams overrides) of `imlor2c:<criterion>/<keep>`, `mergelor2c:...` or a plain method name."""
-    method, _, rule = variant.partition(":")
-    if not rule:
-        return method, {}
-    criterion, _, keep = rule.partition("/")
-    if criterion not in ("paper", "official") or keep not in ("paper", "official"):
-        raise quality.BenchError(f"--variants {variant!r}: expected <method>:<criterion>/<keep> with each of "
-                                 "paper, official.")
-    return method, {"merge_criterion": criterion, "merge_keep": keep}
 
 
 class Probe:
@@ -169,8 +156,7 @@ def run_variant(variant: str, done: dict[str, dict[str, Any]], hp: quality.HPara
     source = variant[len("fixed:"):] if variant.startswith("fixed:") else None
     if source is not None and source not in done:
         raise quality.BenchError(f"--variants {variant!r} needs the run of {source!r} first (list it earlier).")
-    method, overrides = parse_variant(source or variant)
-    run_hp = quality.dataclasses.replace(hp, **overrides)
+    method, run_hp = quality.variant_hparams(source or variant, hp)
     curve = CurveCallback(None, every)  # type: ignore[arg-type]
     start = time.perf_counter()
     trainer = quality.make_trainer(method, model_dir, seed, run_hp, train_ds, tokenizer,
@@ -185,7 +171,8 @@ def run_variant(variant: str, done: dict[str, dict[str, Any]], hp: quality.HPara
     curve.points.append({"step": 0, **probe.score(probe.logits())})
     train_output = trainer.train()
     structure = getattr(model, "structure", None) or {}
-    return {"variant": variant, "method": method, "seed": seed, "overrides": overrides,
+    return {"variant": variant, "method": method, "seed": seed,
+            "overrides": {k: getattr(run_hp, k) for k in ("merge_criterion", "merge_keep")},
             "accuracy": quality.accuracy(trainer, eval_ds), "train_loss": float(train_output.training_loss),
             "adapter_params": quality.adapter_parameters(model), "spans": structure.get("spans"),
             "injected": structure.get("injected"), "events": events, "curve": curve.points,
@@ -213,10 +200,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--name", default=None, help="Base name of the JSON (default event_probe, or event_probe_smoke).")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        method, _ = parse_variant(v[len("fixed:"):] if v.startswith("fixed:") else v)
-        if method not in quality.KNOWN_METHODS:
-            parser.error(f"--variants: unknown method {method!r} in {v!r}; expected any of {quality.KNOWN_METHODS}.")
+    try:
+        for v in variants:
+            quality.parse_variant(v[len("fixed:"):] if v.startswith("fixed:") else v)
+    except quality.BenchError as err:
+        parser.error(str(err))
     hp = quality.hparams_from(args, max_steps=8, batch_size=8, eval_batch_size=16)
     if args.smoke:
         args.train_size, args.eval_size, args.curve_every = args.train_size or 64, args.eval_size or 32, 2
@@ -249,8 +237,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except quality.BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    quality.run_cli(main)

@@ -23,7 +23,6 @@ import dataclasses
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -216,8 +215,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except quality.BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    quality.run_cli(main)

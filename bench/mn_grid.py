@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
@@ -119,8 +118,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except quality.BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    quality.run_cli(main)

@@ -7,11 +7,16 @@ Model: all-MiniLM-L6-v2 (6 BERT blocks, hidden 384) from the PyPI package `gt-al
 Every method gets the same step budget, batch, learning rate, schedule, seeds and data order, and the same
 classification head initialisation for a given seed (the head is trained in every method, like PEFT's
 `modules_to_save`). Methods: PEFT LoRA on query and value (the peer), LoR2C, ShareLoR2C, IMLoR2C and ResLoRA,
-each at rank r. The output is a table, `bench/results/quality.json` (every run, mean ± std per method, and a
-plain verdict on whether LoR2C at half of LoRA's parameters matches it) and `quality.png`.
+each at rank r; any method may carry a merge rule, `imlor2c:<criterion>/<keep>` (each `paper` or `official`).
+The output is a table, `bench/results/quality.json` (every run with its loss curve and events, mean ± std per
+method, and plain verdicts on whether LoR2C at half of LoRA's parameters matches it and whether each IMLoR2C
+variant matches LoR2C) and `quality.png`. The JSON is written after every run and a rerun skips the runs it
+already holds (same hyper-parameters and data), so a long benchmark can be stopped and continued.
 
-    python bench/quality.py                  # full run: 5 methods x 3 seeds (estimated 25-35 min on 2 quiet cores)
+    python bench/quality.py                  # quick: 160 steps, 5 methods x 3 seeds (25-35 min on 2 quiet cores)
     python bench/quality.py --learning_rate 2e-3 --name quality_lr2e-3   # another setting, kept beside the first
+    python bench/quality.py --preset long --threads 1   # the paper's regime: 1,000 sentences x 12 epochs, eqs. 11-12
+                                                        # schedule (events after epochs 2 and 4), 10 methods and rules
     python bench/quality.py --smoke --model_dir <tiny model> --data_dir <folder with train.tsv, dev.tsv>
 
 Not part of CI. `bench/grad_flow.py` reuses the data, model and adapter helpers defined here.
@@ -577,9 +582,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_cli(main: Any) -> None:
+    """Exit with `main()`'s status; a `BenchError` is one line on stderr and status 2 (the scripts' shared ending)."""
     try:
         sys.exit(main())
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(main)
