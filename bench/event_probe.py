@@ -20,7 +20,8 @@ and any plain method of `bench/quality.py` (for its learning curve).
     python bench/event_probe.py --variants imlor2c:paper/paper,lor2c --name event_probe_lr2e-3 --learning_rate 2e-3
     python bench/event_probe.py --smoke --model_dir <tiny model> --data_dir <folder with train.tsv, dev.tsv>
 
-Writes `bench/results/<name>.json` after every variant; variants already in that file are skipped (resumable).
+Writes `bench/results/<name>.json` after every variant (variants already in that file are skipped: resumable)
+and `<name>.png`, the probe loss curves and each final span's ||B||.
 Not part of CI.
 """
 
@@ -190,6 +191,37 @@ def summary_lines(runs: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def plot_curves(runs: dict[str, dict[str, Any]], path: str, title: str) -> None:
+    """Probe-batch loss per variant over the steps (events marked), and ||B|| of each span at the end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (loss_ax, norm_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    try:
+        for name, run in runs.items():
+            line, = loss_ax.plot([p["step"] for p in run["curve"]], [p["loss"] for p in run["curve"]], label=name)
+            for e in run["events"]:
+                if not e.get("skipped"):
+                    loss_ax.axvline(e["step"], color=line.get_color(), alpha=0.25, linestyle=":")
+            last = {int(k): v for k, v in (run["curve"][-1].get("b_norm_by_span") or {}).items()}
+            for start, end in run.get("spans") or []:  # a bar over the blocks the span covers, at its ||B||
+                norm_ax.plot([start - 0.4, end + 0.4], [last[start]] * 2, color=line.get_color(), linewidth=3,
+                             alpha=0.8, label=name if start == run["spans"][0][0] else None)
+        loss_ax.set_xlabel("optimizer step")
+        loss_ax.set_ylabel("loss on the probe batch (eval mode)")
+        loss_ax.legend(fontsize=7)
+        norm_ax.set_xlabel("blocks the span covers (LoRA-injected blocks have none)")
+        norm_ax.legend(fontsize=7)
+        norm_ax.set_ylabel("||B|| of the span's connection at the end")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     quality.add_common_arguments(parser)
@@ -232,7 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  {variant}: dev accuracy {100 * run['accuracy']:.2f}%, spans {run['spans']}, injected "
                   f"{run['injected']}, {run['seconds']:.0f}s", flush=True)
     print("\n".join(summary_lines(runs)))
-    print(f"wrote {path}")
+    png = os.path.join(args.output_dir, f"{name}.png")
+    plot_curves(runs, png, f"{quality.model_label(model_dir)}, SST-2, {quality.budget(hp)} x batch {hp.batch_size}, "
+                f"lr {hp.learning_rate:g}, seed {args.seed}; dotted: events")
+    print(f"wrote {path} and {png}")
     return 0
 
 
