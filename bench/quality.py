@@ -57,8 +57,8 @@ MATCH_TOLERANCE_POINTS = 1.0
 LOSS_CURVE_EVERY = 10  # optimizer steps between the training-loss points stored with every run
 RULES = ("paper", "official")
 # The long-budget preset (`--preset long`): the paper's regime, where events end in the first third of training.
-LONG_METHODS = ("lor2c", "imlor2c:paper/paper", "imlor2c:official/official", "lora", "imlor2c:paper/official",
-                "imlor2c:official/paper", "mergelor2c", "injectlor2c", "sharelor2c", "reslora")  # run in this order
+LONG_METHODS = ("lor2c", "imlor2c:paper/paper", "imlor2c:official/official", "imlor2c:paper/official",
+                "imlor2c:official/paper", "lora", "mergelor2c", "injectlor2c", "sharelor2c", "reslora")  # run in this order
 PRESETS: dict[str, dict[str, Any]] = {
     "long": dict(name="quality_long", methods=",".join(LONG_METHODS), train_size=1000,
                  hparams=dict(epochs=12, schedule="epochs")),
