@@ -81,7 +81,7 @@ class LoR2CConfig(AdapterConfigIO):
     num_merges: int = field(default=0, metadata={"help": "M: number of MergeLoR2C events (each fuses two adjacent spans)."})
     num_injects: int = field(default=0, metadata={"help": "N: number of InjectLoR2C events (each swaps one connection for LoRA on q and v)."})
     sfs_top_k: int = field(default=2, metadata={"help": "k of the SFS score: share of the top-k singular values counted as rho."})
-    merge_criterion: str = field(default="paper", metadata={"help": "Which adjacent pair merges: 'paper' = lowest summed SFS, 'official' = lowest summed rho (authors' code)."})
+    merge_criterion: str = field(default="official", metadata={"help": "Which adjacent pair merges: 'official' = lowest summed rho, i.e. highest summed SFS (the authors' code, which produced the paper's numbers; the default, see the README's quality benchmarks); 'paper' = lowest summed SFS (the paper's text)."})
     merge_keep: str = field(default="paper", metadata={"help": "Whose A, B survive a merge: 'paper' = the span with higher SFS, 'official' = the lower block's span."})
     zero_b_score: str = field(default="spec", metadata={"help": "How a connection whose B is still all zeros is scored: 'spec' = 0 information (rho = 1, SFS = 0); 'official' = as the authors' code, rho = 0 (SFS = 1): merged first under merge_criterion='official', injected last."})
     inject_r: Optional[int] = field(default=None, metadata={"help": "Rank of the LoRA injected on q and v (default r // 2, at least 1)."})

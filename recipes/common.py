@@ -76,7 +76,7 @@ class AdapterArguments:
     inject_alpha: Optional[float] = field(default=None, metadata={"help": "lora_alpha of the injected LoRA."})
     inject_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout of the injected LoRA."})
     schedule: Optional[str] = field(default=None, metadata={"help": "When events happen: 'epochs' (paper eqs. 11-12) or 'steps' (fractional epochs, checked every optimizer step)."})
-    merge_criterion: Optional[str] = field(default=None, metadata={"help": "'paper' (lowest summed SFS) or 'official' (lowest summed rho, the authors' code)."})
+    merge_criterion: Optional[str] = field(default=None, metadata={"help": "'official' (lowest summed rho, the authors' code; LoR2CConfig's default) or 'paper' (lowest summed SFS, the paper's text)."})
     merge_keep: Optional[str] = field(default=None, metadata={"help": "Whose A, B survive a merge: 'paper' (higher SFS) or 'official' (lower block)."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Projections for LoRA / ResLoRA / injected LoRA (default: the query and value projections of the architecture)."})
     res_flag: Optional[str] = field(default=None, metadata={"help": "ResLoRA residual type: is, bs or ms."})
