@@ -2,8 +2,8 @@
 
 The paper grid-searched M, N in {0..6} per GLUE task (49 runs each) and calls the choice its weak point. Here:
 all-MiniLM-L6-v2 on SST-2 with `bench/quality.py`'s data, model and hyper-parameters (by default its quick
-setting: 160 steps of batch 32, lr 5e-4, events on the `steps` schedule in the first quarter; the authors' code's
-merge rule, `--merge_criterion official --merge_keep official`, unless told otherwise), one seed, every
+setting: 160 steps of batch 32, lr 5e-4, events on the `steps` schedule in the first quarter; the library's
+default merge rule unless told otherwise), one seed, every
 (M, N) of `--grid` x `--grid`. M = N = 0 is LoR2C, N = 0 MergeLoR2C, M = 0 InjectLoR2C. Writes
 `bench/results/mn_grid.json` after every run (runs already there are skipped: resumable) and the heatmap
 `mn_grid.png` (`lor2c_hf.plotting.plot_mn_heatmap`, the one `recipes/glue.py --search_mn` draws).
@@ -26,12 +26,13 @@ from typing import Any, Optional, Sequence
 import transformers
 
 import quality
+from lor2c_hf import LoR2CConfig
 from lor2c_hf.plotting import plot_mn_heatmap
 
 
-# The authors' code's merge rule: with the paper's text rule IMLoR2C does not learn in this budget (see
-# bench/event_probe.py and the README), which would leave the grid with nothing to compare.
-GRID_DEFAULTS = {"merge_criterion": "official", "merge_keep": "official"}
+# The library's default merge rule (LoR2CConfig's), not quality.py's HParams, which keep the paper's rule that
+# its earlier results were measured with: with that rule IMLoR2C does not learn in this budget (event_probe.py).
+GRID_DEFAULTS = {name: getattr(LoR2CConfig(), name) for name in ("merge_criterion", "merge_keep")}
 
 
 def grid_values(text: str) -> list[int]:
