@@ -58,7 +58,8 @@ LOSS_CURVE_EVERY = 10  # optimizer steps between the training-loss points stored
 RULES = ("paper", "official")
 # The long-budget preset (`--preset long`): the paper's regime, where events end in the first third of training.
 LONG_METHODS = ("lor2c", "imlor2c:paper/paper", "imlor2c:official/official", "imlor2c:paper/official",
-                "imlor2c:official/paper", "lora", "mergelor2c", "injectlor2c", "sharelor2c", "reslora")  # run in this order
+                "imlor2c:official/paper", "lora", "mergelor2c", "injectlor2c", "sharelor2c", "reslora",
+                "mergelor2c:official/paper")  # run in this order (the last added once the default rule changed)
 PRESETS: dict[str, dict[str, Any]] = {
     "long": dict(name="quality_long", methods=",".join(LONG_METHODS), train_size=1000,
                  hparams=dict(epochs=12, schedule="epochs")),
