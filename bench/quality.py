@@ -323,6 +323,9 @@ def summarize(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
             "adapter_params": mine[0]["adapter_params"], "trainable_params": mine[0]["trainable_params"],
             "seconds_mean": statistics.fmean(r["seconds"] for r in mine),
         }
+        config = mine[0].get("config", {})
+        if "merge_criterion" in config:
+            summary[method]["merge_rule"] = f"{config['merge_criterion']}/{config['merge_keep']}"
     lora = summary.get("lora")
     for entry in summary.values():
         entry["params_vs_lora"] = entry["adapter_params"] / lora["adapter_params"] if lora else None
@@ -359,7 +362,7 @@ def imlor2c_verdicts(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     verdicts = {}
     for name in summary:
         if name.split(":")[0] == "imlor2c":
-            rule = name.partition(":")[2] or "default rule"
+            rule = summary[name].get("merge_rule") or name.partition(":")[2]
             verdict = compare(summary, name, "lor2c", f"IMLoR2C ({rule})", "LoR2C")
             if verdict:
                 verdicts[name] = verdict
