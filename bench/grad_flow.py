@@ -23,7 +23,6 @@ import dataclasses
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -149,18 +148,18 @@ def heatmap(ratio: dict[tuple[int, int], float], epochs: int, blocks: int, path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    quality.add_common_arguments(parser)
-    parser.add_argument("--epochs", type=int, default=4)
+    quality.add_common_arguments(parser)  # with --epochs (whole epochs here)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="Tiny run: checks the script, measures nothing.")
     parser.add_argument("--no_png", action="store_true")
-    parser.set_defaults(train_size=1024)
+    parser.set_defaults(train_size=1024, epochs=4)
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.seeds < 1:
-        parser.error("--epochs and --seeds: expected at least 1.")
-    hp = quality.hparams_from(args, batch_size=8)
+    if args.epochs < 1 or args.epochs != int(args.epochs) or args.seeds < 1:
+        parser.error("--epochs (a whole number) and --seeds: expected at least 1.")
     if args.smoke:
         args.train_size, args.epochs = min(args.train_size, 32), min(args.epochs, 2)
+    args.epochs = int(args.epochs)
+    hp = quality.hparams_from(args, batch_size=8)
     model_dir, data_dir, tokenizer = quality.prepare(args)
     train_ds, _ = quality.load_sst2(data_dir, tokenizer, hp.max_length, args.train_size, eval_size=1)
     print(f"grad_flow: LoRA vs LoR2C, {args.epochs} epochs over {len(train_ds)} rows, batch {hp.batch_size}, "
@@ -216,8 +215,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except quality.BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    quality.run_cli(main)

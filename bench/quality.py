@@ -7,11 +7,16 @@ Model: all-MiniLM-L6-v2 (6 BERT blocks, hidden 384) from the PyPI package `gt-al
 Every method gets the same step budget, batch, learning rate, schedule, seeds and data order, and the same
 classification head initialisation for a given seed (the head is trained in every method, like PEFT's
 `modules_to_save`). Methods: PEFT LoRA on query and value (the peer), LoR2C, ShareLoR2C, IMLoR2C and ResLoRA,
-each at rank r. The output is a table, `bench/results/quality.json` (every run, mean ± std per method, and a
-plain verdict on whether LoR2C at half of LoRA's parameters matches it) and `quality.png`.
+each at rank r; any method may carry a merge rule, `imlor2c:<criterion>/<keep>` (each `paper` or `official`).
+The output is a table, `bench/results/quality.json` (every run with its loss curve and events, mean ± std per
+method, and plain verdicts on whether LoR2C at half of LoRA's parameters matches it and whether each IMLoR2C
+variant matches LoR2C) and `quality.png`. The JSON is written after every run and a rerun skips the runs it
+already holds (same hyper-parameters and data), so a long benchmark can be stopped and continued.
 
-    python bench/quality.py                  # full run: 5 methods x 3 seeds (estimated 25-35 min on 2 quiet cores)
+    python bench/quality.py                  # quick: 160 steps, 5 methods x 3 seeds (25-35 min on 2 quiet cores)
     python bench/quality.py --learning_rate 2e-3 --name quality_lr2e-3   # another setting, kept beside the first
+    python bench/quality.py --preset long --threads 1   # the paper's regime: 1,000 sentences x 12 epochs, eqs. 11-12
+                                                        # schedule (events after epochs 2 and 4), 10 methods and rules
     python bench/quality.py --smoke --model_dir <tiny model> --data_dir <folder with train.tsv, dev.tsv>
 
 Not part of CI. `bench/grad_flow.py` reuses the data, model and adapter helpers defined here.
@@ -49,6 +54,16 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "glue", "SST
 METHODS = ("lora", "lor2c", "sharelor2c", "imlor2c", "reslora")
 KNOWN_METHODS = ("lora", *lor2c_hf.METHODS, "reslora")
 MATCH_TOLERANCE_POINTS = 1.0
+LOSS_CURVE_EVERY = 10  # optimizer steps between the training-loss points stored with every run
+RULES = ("paper", "official")
+# The long-budget preset (`--preset long`): the paper's regime, where events end in the first third of training.
+LONG_METHODS = ("lor2c", "imlor2c:paper/paper", "imlor2c:official/official", "imlor2c:paper/official",
+                "imlor2c:official/paper", "lora", "mergelor2c", "injectlor2c", "sharelor2c", "reslora",
+                "mergelor2c:official/paper")  # run in this order (the last added once the default rule changed)
+PRESETS: dict[str, dict[str, Any]] = {
+    "long": dict(name="quality_long", methods=",".join(LONG_METHODS), train_size=1000,
+                 hparams=dict(epochs=12, schedule="epochs")),
+}
 
 
 class BenchError(ValueError):
@@ -66,11 +81,15 @@ class HParams:
     inject_alpha: float = 16
     num_merges: int = 2  # IMLoR2C on 6 blocks: M = N = 2 (the preset's 4 + 4 needs at least 8 blocks)
     num_injects: int = 2
+    merge_criterion: str = "paper"  # LoR2CConfig's default (the paper's text); "official" = the authors' code
+    merge_keep: str = "paper"
+    schedule: str = "steps"  # events at fractional epochs (the run is a step budget); "epochs" = eqs. 11-12
     res_flag: str = "ms"  # ResLoRA's NLU setting (SPEC §9); pre_num is capped at the number of blocks - 1
     pre_num: int = 4
     learning_rate: float = 5e-4  # SPEC §8 SST-2 learning rate
     batch_size: int = 32  # SPEC §8 SST-2 batch size
     max_steps: int = 160  # 5,120 examples, 1.3 epochs of the shipped 4,000-row subset: 15 runs fit in ~30 min
+    epochs: float = 0.0  # > 0: train this many epochs instead of max_steps (the long preset: 12)
     warmup_ratio: float = 0.06  # SPEC §8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -156,6 +175,25 @@ def load_classifier(model_dir: str, seed: int, num_labels: int = 2) -> torch.nn.
     return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
 
 
+def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """(method, HParams overrides) of a method name, or of `<method>:<criterion>/<keep>` (a merge rule)."""
+    method, _, rule = variant.partition(":")
+    if method not in KNOWN_METHODS:
+        raise BenchError(f"--methods: unknown method {method!r} in {variant!r}; expected any of {KNOWN_METHODS}.")
+    if not rule:
+        return method, {}
+    criterion, _, keep = rule.partition("/")
+    if criterion not in RULES or keep not in RULES:
+        raise BenchError(f"--methods {variant!r}: expected <method>:<criterion>/<keep>, each one of {RULES}.")
+    return method, {"merge_criterion": criterion, "merge_keep": keep}
+
+
+def variant_hparams(variant: str, hp: HParams) -> tuple[str, HParams]:
+    """(method, hyper-parameters) of a method name or merge-rule variant (see `parse_variant`)."""
+    method, overrides = parse_variant(variant)
+    return method, dataclasses.replace(hp, **overrides)
+
+
 def build_adapter(method: str, model: torch.nn.Module, hp: HParams) -> tuple[torch.nn.Module, type]:
     """(model with `method`'s adapter, the Trainer class that trains it)."""
     if method == "lora":
@@ -171,8 +209,9 @@ def build_adapter(method: str, model: torch.nn.Module, hp: HParams) -> tuple[tor
         return lor2c_hf.get_reslora_model(model, config), LoR2CTrainer
     if method not in lor2c_hf.METHODS:
         raise BenchError(f"--methods: unknown method {method!r}; expected any of {KNOWN_METHODS}.")
-    overrides: dict[str, Any] = dict(r=hp.r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, schedule="steps",
-                                     inject_r=hp.inject_r, inject_alpha=hp.inject_alpha)
+    overrides: dict[str, Any] = dict(r=hp.r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, schedule=hp.schedule,
+                                     inject_r=hp.inject_r, inject_alpha=hp.inject_alpha,
+                                     merge_criterion=hp.merge_criterion, merge_keep=hp.merge_keep)
     if method in ("mergelor2c", "imlor2c"):
         overrides["num_merges"] = hp.num_merges
     if method in ("injectlor2c", "imlor2c"):
@@ -208,16 +247,19 @@ def adapter_config_dict(model: torch.nn.Module) -> dict[str, Any]:
             if k in ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "task_type")}
 
 
-def training_arguments(output_dir: str, hp: HParams, seed: int, num_train_epochs: Optional[float] = None) -> TrainingArguments:
+def training_arguments(output_dir: str, hp: HParams, seed: int, num_train_epochs: Optional[float] = None,
+                       **overrides: Any) -> TrainingArguments:
     """The same Trainer settings for every method: a step budget (or epochs), linear decay after warm-up, no saving."""
+    num_train_epochs = num_train_epochs or hp.epochs
     steps = dict(num_train_epochs=num_train_epochs, max_steps=-1) if num_train_epochs else dict(max_steps=hp.max_steps)
-    return TrainingArguments(
+    settings = dict(
         output_dir=output_dir, seed=seed, learning_rate=hp.learning_rate, lr_scheduler_type="linear",
         warmup_steps=hp.warmup_ratio, weight_decay=hp.weight_decay, max_grad_norm=hp.max_grad_norm,
         per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=hp.eval_batch_size,
         save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
         remove_unused_columns=False, label_names=["labels"], use_cpu=True, dataloader_num_workers=0, **steps,
     )
+    return TrainingArguments(**{**settings, **overrides})
 
 
 def accuracy(trainer: Trainer, dataset: Any) -> float:
@@ -227,32 +269,37 @@ def accuracy(trainer: Trainer, dataset: Any) -> float:
 
 
 def make_trainer(method: str, model_dir: str, seed: int, hp: HParams, train_ds: Any, tokenizer: Any, output_dir: str,
-                 num_train_epochs: Optional[float] = None, callbacks: Sequence[Any] = ()) -> Trainer:
+                 num_train_epochs: Optional[float] = None, callbacks: Sequence[Any] = (), **args_overrides: Any) -> Trainer:
     """A Trainer (PEFT LoRA) or LoR2CTrainer (the LoR2C family, ResLoRA) for one method and seed."""
     model, trainer_cls = build_adapter(method, load_classifier(model_dir, seed), hp)
-    trainer = trainer_cls(model=model, args=training_arguments(output_dir, hp, seed, num_train_epochs),
+    trainer = trainer_cls(model=model, args=training_arguments(output_dir, hp, seed, num_train_epochs, **args_overrides),
                           train_dataset=train_ds, data_collator=DataCollatorWithPadding(tokenizer),
                           callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # the scripts print their own lines; LoR2C events still print theirs
     return trainer
 
 
-def run_one(method: str, seed: int, hp: HParams, model_dir: str, tokenizer: Any, train_ds: Any, eval_ds: Any,
+def run_one(variant: str, seed: int, hp: HParams, model_dir: str, tokenizer: Any, train_ds: Any, eval_ds: Any,
             work_dir: str) -> dict[str, Any]:
-    """Train one method with one seed for the step budget; its dev accuracy, parameter counts and events."""
+    """Train one method (or merge-rule variant) with one seed for the budget; its dev accuracy, parameter counts,
+    events and training-loss curve."""
     start = time.perf_counter()
-    trainer = make_trainer(method, model_dir, seed, hp, train_ds, tokenizer, os.path.join(work_dir, f"{method}-{seed}"))
+    method, hp = variant_hparams(variant, hp)
+    trainer = make_trainer(method, model_dir, seed, hp, train_ds, tokenizer, os.path.join(work_dir, f"{method}-{seed}"),
+                           logging_strategy="steps", logging_steps=LOSS_CURVE_EVERY)
     model = trainer.model
     train_output = trainer.train()
     train_seconds = time.perf_counter() - start
     acc = accuracy(trainer, eval_ds)
     structure = getattr(model, "structure", None) if method != "lora" else None
+    curve = [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]
     return {
-        "method": method, "seed": seed, "accuracy": acc, "train_loss": float(train_output.training_loss),
+        "method": variant, "seed": seed, "accuracy": acc, "train_loss": float(train_output.training_loss),
+        "loss_curve": curve,
         "adapter_params": adapter_parameters(model), "trainable_params": trainable_parameters(model),
         "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - start, 2),
-        "events": [{k: e.get(k) for k in ("step", "kind", "blocks", "scores", "params_after")}
+        "events": [{k: e.get(k) for k in ("step", "epoch", "kind", "blocks", "scores", "rho", "kept_slot", "params_after")}
                    for e in (structure or {}).get("events", [])],
         "spans": (structure or {}).get("spans"), "injected": (structure or {}).get("injected"),
         "config": adapter_config_dict(model),
@@ -276,28 +323,50 @@ def summarize(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
             "adapter_params": mine[0]["adapter_params"], "trainable_params": mine[0]["trainable_params"],
             "seconds_mean": statistics.fmean(r["seconds"] for r in mine),
         }
+        config = mine[0].get("config", {})
+        if "merge_criterion" in config:
+            summary[method]["merge_rule"] = f"{config['merge_criterion']}/{config['merge_keep']}"
     lora = summary.get("lora")
     for entry in summary.values():
         entry["params_vs_lora"] = entry["adapter_params"] / lora["adapter_params"] if lora else None
     return summary
 
 
-def lor2c_verdict(summary: dict[str, dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """Whether LoR2C's mean accuracy is no worse than LoRA's, within max(1 point, 2 standard errors of the gap)."""
-    if "lora" not in summary or "lor2c" not in summary:
+def compare(summary: dict[str, dict[str, Any]], name: str, reference: str, label: str,
+            reference_label: str) -> Optional[dict[str, Any]]:
+    """Whether `name`'s mean accuracy is no worse than `reference`'s, within max(1 point, 2 standard errors of
+    the gap); None when either has not run."""
+    if name not in summary or reference not in summary:
         return None
-    a, b = summary["lor2c"], summary["lora"]
+    a, b = summary[name], summary[reference]
     se = math.sqrt(sum((s["accuracy_std"] or 0.0) ** 2 / s["n_seeds"] for s in (a, b)))
     tolerance = max(MATCH_TOLERANCE_POINTS, 2 * se)
     gap = a["accuracy_mean"] - b["accuracy_mean"]
     matches = gap >= -tolerance
-    text = (f"LoR2C with {a['adapter_params']:,d} adapter parameters ({a['params_vs_lora']:.2f}x LoRA's "
-            f"{b['adapter_params']:,d}) {'MATCHES' if matches else 'does NOT match'} LoRA: "
+    text = (f"{label} with {a['adapter_params']:,d} adapter parameters ({a['adapter_params'] / b['adapter_params']:.2f}x "
+            f"{reference_label}'s {b['adapter_params']:,d}) {'MATCHES' if matches else 'does NOT match'} {reference_label}: "
             f"{_pm(a)} vs {_pm(b)} accuracy, gap {gap:+.2f} points "
             f"(tolerance {tolerance:.2f} points = max({MATCH_TOLERANCE_POINTS}, 2 standard errors), "
             f"{a['n_seeds']} vs {b['n_seeds']} seeds)."
             + (" Fewer than 3 seeds: not conclusive." if min(a["n_seeds"], b["n_seeds"]) < 3 else ""))
     return {"matches": matches, "gap_points": gap, "tolerance_points": tolerance, "text": text}
+
+
+def lor2c_verdict(summary: dict[str, dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Does LoR2C at half the parameters match LoRA?"""
+    return compare(summary, "lor2c", "lora", "LoR2C", "LoRA")
+
+
+def imlor2c_verdicts(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """IMLoR2C >= LoR2C? One verdict per IMLoR2C variant (merge rule) that ran."""
+    verdicts = {}
+    for name in summary:
+        if name.split(":")[0] == "imlor2c":
+            rule = summary[name].get("merge_rule") or name.partition(":")[2]
+            verdict = compare(summary, name, "lor2c", f"IMLoR2C ({rule})", "LoR2C")
+            if verdict:
+                verdicts[name] = verdict
+    return verdicts
 
 
 def _pm(entry: dict[str, Any]) -> str:
@@ -329,6 +398,8 @@ def plot(summary: dict[str, dict[str, Any]], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     try:
         bars = ax.bar(names, means, yerr=stds, capsize=5, color="#2b6cb0")
+        if max(map(len, names)) > 11:  # merge-rule variants: imlor2c:official/paper
+            ax.tick_params(axis="x", labelrotation=25, labelsize=7)
         for bar, m, top in zip(bars, names, (m + s for m, s in zip(means, stds))):
             ax.text(bar.get_x() + bar.get_width() / 2, top + 0.3, f"{summary[m]['adapter_params']:,d} params",
                     ha="center", va="bottom", fontsize=7)
@@ -387,6 +458,11 @@ def prepare(args: argparse.Namespace) -> tuple[str, str, Any]:
     return model_dir, data_dir, AutoTokenizer.from_pretrained(model_dir)
 
 
+def read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -394,77 +470,130 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def budget(hp: HParams) -> str:
+    return f"{hp.epochs:g} epochs" if hp.epochs else f"{hp.max_steps} steps"
+
+
+def _same_data(data: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What must agree for runs to continue: the rows and the data folder's name (a checkout may move)."""
+    data = dict(data or {})
+    data["dir"] = os.path.basename(os.path.normpath(data.get("dir", "")))
+    return data
+
+
+def resumed_payload(path: str, fresh: bool, hp: HParams, data: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The earlier payload at `path` to continue (its runs are skipped), or None to start afresh.
+
+    Runs are only comparable under the same hyper-parameters and data, so a file written with others is an error.
+    """
+    if fresh or not os.path.isfile(path):
+        return None
+    payload = read_json(path)
+    defaults = dataclasses.asdict(HParams())  # a field added since the file was written had its default there
+    if {**defaults, **payload.get("hyperparameters", {})} != dataclasses.asdict(hp) or _same_data(payload.get("data")) != _same_data(data):
+        raise BenchError(f"{path} holds runs with other hyper-parameters or data; pass --fresh to replace it or "
+                         "--name to write another file.")
+    return payload
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, from {KNOWN_METHODS}.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="long: the paper's regime (1,000 sentences x 12 epochs, eqs. 11-12 schedule, 10 methods "
+                             "and merge rules); any flag given overrides it.")
+    parser.add_argument("--methods", default=None, help=f"Comma-separated, from {KNOWN_METHODS}, or "
+                        "<method>:<criterion>/<keep> for a merge rule (e.g. imlor2c:official/official).")
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ...); at least 3 for the report.")
     parser.add_argument("--smoke", action="store_true", help="A few steps on little data: checks the script, measures nothing.")
+    parser.add_argument("--fresh", action="store_true", help="Start over instead of continuing the runs already in the JSON.")
     parser.add_argument("--no_png", action="store_true")
-    parser.add_argument("--name", default=None, help="Base name of the JSON and PNG files (default: quality, or "
-                        "quality_smoke with --smoke); give another to keep an earlier run's results.")
+    parser.add_argument("--name", default=None, help="Base name of the JSON and PNG files (default: quality, the "
+                        "preset's name, or quality_smoke with --smoke); give another to keep an earlier run's results.")
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in KNOWN_METHODS]
-    if unknown or not methods:
-        parser.error(f"--methods: unknown {unknown or 'none given'}; expected any of {KNOWN_METHODS}.")
+    preset = PRESETS.get(args.preset, {})
+    methods = [m.strip() for m in (args.methods or preset.get("methods") or ",".join(METHODS)).split(",") if m.strip()]
+    try:
+        for m in methods:
+            parse_variant(m)
+    except BenchError as err:
+        parser.error(str(err))
+    if not methods:
+        parser.error(f"--methods: none given; expected any of {KNOWN_METHODS}.")
     if args.seeds < 1:
         parser.error("--seeds: expected at least 1.")
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name):
         parser.error(f"--name {args.name!r}: expected a plain file name without a folder (use --output_dir for that).")
+    for key, value in preset.get("hparams", {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, min(value, 3) if args.smoke and key == "epochs" else value)
     hp = hparams_from(args, max_steps=6, batch_size=8, eval_batch_size=16)
     if args.smoke:
-        args.train_size = args.train_size or 64
+        args.train_size = min(args.train_size or 64, 64)
         args.eval_size = args.eval_size or 32
+    args.train_size = args.train_size or preset.get("train_size")
     unavailable = {"reslora": why for why in [reslora_unavailable()] if why and "reslora" in methods}
     methods = [m for m in methods if m not in unavailable]
 
     model_dir, data_dir, tokenizer = prepare(args)
     train_ds, eval_ds = load_sst2(data_dir, tokenizer, hp.max_length, args.train_size, args.eval_size)
-    name = args.name or ("quality_smoke" if args.smoke else "quality")
+    name = args.name or ("quality_smoke" if args.smoke else preset.get("name", "quality"))
     json_path = os.path.join(args.output_dir, f"{name}.json")
-    payload: dict[str, Any] = {
-        "benchmark": "quality", "smoke": args.smoke, "machine": machine(),
+    data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv"}
+    payload = resumed_payload(json_path, args.fresh, hp, data) or {"runs": []}
+    earlier = [m for m in payload.get("methods", []) if m not in methods]
+    payload.update({
+        "benchmark": "quality", "preset": args.preset, "smoke": args.smoke, "machine": machine(),
         "model": {"name": model_label(model_dir), "dir": model_dir,
                   "type": transformers.AutoConfig.from_pretrained(model_dir).model_type},
-        "data": {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv"},
-        "hyperparameters": dataclasses.asdict(hp), "methods": methods, "seeds": list(range(args.seeds)),
-        "unavailable": unavailable, "runs": [],
-    }
-    print(f"quality: {len(methods)} methods x {args.seeds} seeds, {hp.max_steps} steps of batch {hp.batch_size}, "
-          f"{len(train_ds)} train / {len(eval_ds)} dev rows, model {model_dir}", flush=True)
-    start = time.perf_counter()
+        "data": data, "hyperparameters": dataclasses.asdict(hp), "methods": methods + earlier,
+        "seeds": sorted(set(payload.get("seeds", [])) | set(range(args.seeds))), "unavailable": unavailable,
+    })
+    done = {(r["method"], r["seed"]) for r in payload["runs"]}
+    print(f"quality: {len(methods)} methods x {args.seeds} seeds, {budget(hp)} of batch {hp.batch_size}, "
+          f"{len(train_ds)} train / {len(eval_ds)} dev rows, model {model_dir}; {len(done)} run(s) already in "
+          f"{json_path}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lor2c-quality-") as work_dir:
         for seed in range(args.seeds):  # seeds outer, so an interrupted run still compares every method
             for method in methods:
+                if (method, seed) in done:
+                    continue
                 run = run_one(method, seed, hp, model_dir, tokenizer, train_ds, eval_ds, work_dir)
                 payload["runs"].append(run)
                 print(f"  seed {seed} {method:11s} accuracy {100 * run['accuracy']:.2f}%  adapter params "
                       f"{run['adapter_params']:,d}  {run['seconds']:.0f}s", flush=True)
-                payload["summary"] = summarize(payload["runs"], methods)
-                payload["wall_seconds"] = round(time.perf_counter() - start, 1)
+                payload["summary"] = summarize(payload["runs"], payload["methods"])
+                payload["wall_seconds"] = round(payload.get("wall_seconds", 0) + run["seconds"], 1)
                 write_json(json_path, payload)
+    payload["summary"] = summarize(payload["runs"], payload["methods"])
     verdict = lor2c_verdict(payload["summary"])
     payload["verdict"] = verdict
+    payload["imlor2c_verdicts"] = imlor2c_verdicts(payload["summary"])
     write_json(json_path, payload)
     print("\n" + table(payload["summary"], unavailable))
-    if verdict:
-        print("\n" + verdict["text"])
+    for v in [verdict, *payload["imlor2c_verdicts"].values()]:
+        if v:
+            print("\n" + v["text"])
     if args.smoke:
         print("(smoke mode: a few steps on a few rows; these numbers measure nothing)")
     if not args.no_png:
         png = os.path.join(args.output_dir, f"{name}.png")
-        plot(payload["summary"], png, f"SST-2 dev accuracy, {model_label(model_dir)}, {hp.max_steps} steps x batch "
-             f"{hp.batch_size}, lr {hp.learning_rate:g}, {args.seeds} seed(s)")
+        plot(payload["summary"], png, f"SST-2 dev accuracy, {model_label(model_dir)}, {budget(hp)} x batch "
+             f"{hp.batch_size}, lr {hp.learning_rate:g}, {len(payload['seeds'])} seed(s)")
         print(f"wrote {json_path} and {png}")
     else:
         print(f"wrote {json_path}")
     return 0
 
 
-if __name__ == "__main__":
+def run_cli(main: Any) -> None:
+    """Exit with `main()`'s status; a `BenchError` is one line on stderr and status 2 (the scripts' shared ending)."""
     try:
         sys.exit(main())
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -17,6 +17,7 @@ METHODS = ("lor2c", "sharelor2c", "mergelor2c", "injectlor2c", "imlor2c")
 MERGE_CRITERIA = ("paper", "official")
 MERGE_KEEP = ("paper", "official")
 SCHEDULES = ("epochs", "steps")
+ZERO_B_SCORES = ("spec", "official")
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -116,8 +117,9 @@ class LoR2CConfig(AdapterConfigIO):
     num_merges: int = field(default=0, metadata={"help": "M: number of MergeLoR2C events (each fuses two adjacent spans)."})
     num_injects: int = field(default=0, metadata={"help": "N: number of InjectLoR2C events (each swaps one connection for LoRA on q and v)."})
     sfs_top_k: int = field(default=2, metadata={"help": "k of the SFS score: share of the top-k singular values counted as rho."})
-    merge_criterion: str = field(default="paper", metadata={"help": "Which adjacent pair merges: 'paper' = lowest summed SFS, 'official' = lowest summed rho (authors' code)."})
+    merge_criterion: str = field(default="official", metadata={"help": "Which adjacent pair merges: 'official' = lowest summed rho, i.e. highest summed SFS (the authors' code, which produced the paper's numbers; the default, see the README's quality benchmarks); 'paper' = lowest summed SFS (the paper's text)."})
     merge_keep: str = field(default="paper", metadata={"help": "Whose A, B survive a merge: 'paper' = the span with higher SFS, 'official' = the lower block's span."})
+    zero_b_score: str = field(default="spec", metadata={"help": "How a connection whose B is still all zeros is scored: 'spec' = 0 information (rho = 1, SFS = 0); 'official' = as the authors' code, rho = 0 (SFS = 1): merged first under merge_criterion='official', injected last."})
     inject_r: Optional[int] = field(default=None, metadata={"help": "Rank of the LoRA injected on q and v (default r // 2, at least 1)."})
     inject_alpha: float = field(default=16, metadata={"help": "lora_alpha of the injected LoRA."})
     inject_dropout: float = field(default=0.05, metadata={"help": "Dropout of the injected LoRA."})
@@ -141,6 +143,7 @@ class LoR2CConfig(AdapterConfigIO):
         _check(isinstance(self.merge_keep, str) and self.merge_keep in MERGE_KEEP, "merge_keep", self.merge_keep, f"one of {MERGE_KEEP}")
         _check(isinstance(self.schedule, str) and self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
         _check(is_number(self.inject_alpha) and self.inject_alpha > 0, "inject_alpha", self.inject_alpha, "a finite positive number")
+        _check(isinstance(self.zero_b_score, str) and self.zero_b_score in ZERO_B_SCORES, "zero_b_score", self.zero_b_score, f"one of {ZERO_B_SCORES}")
         if self.inject_r is None:
             self.inject_r = max(1, self.r // 2)
         _check(is_int(self.inject_r) and self.inject_r >= 1, "inject_r", self.inject_r, "an integer >= 1")

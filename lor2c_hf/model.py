@@ -191,6 +191,9 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
             scores = sfs_scores(a, b, self.lor2c_config.sfs_top_k)
         if not bool(torch.isfinite(scores.sfs).all()):  # unreachable for finite weights; never decide from NaN
             raise NonFiniteError(f"SFS of the connections {self._structure.spans} is not finite: {scores.sfs.tolist()}.")
+        if self.lor2c_config.zero_b_score == "official":  # the authors' code: an all-zero B A has rho = 0
+            rho = torch.where(scores.zero, torch.zeros_like(scores.rho), scores.rho)
+            scores = SFSScores(sfs=1.0 - rho, rho=rho, zero=scores.zero)
         return scores
 
     # --- events --------------------------------------------------------------------------------------------
@@ -213,7 +216,8 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         sfs, rho = scores[0].tolist(), scores[1].tolist()
         zero_blocks = [s.spans[i] for i, z in enumerate(scores[2].tolist()) if z]
         if zero_blocks:
-            logger.info("LoR2C SFS: connections %s have B = 0 (no defined SFS); scored as 0 information.", zero_blocks)
+            logger.info("LoR2C SFS: connections %s have B = 0 (no defined SFS); scored as %s.", zero_blocks,
+                        "rho = 0, as the authors' code" if c.zero_b_score == "official" else "0 information")
         before = self.num_adapter_parameters()
         if kind == "merge":
             choice = broadcast_decision(s.choose_merge(sfs, rho, c.merge_criterion, c.merge_keep))

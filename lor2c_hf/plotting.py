@@ -147,3 +147,52 @@ def save_structure_picture(model: Any, folder: str, title: Optional[str] = None)
         return None
     os.makedirs(folder, exist_ok=True)
     return plot_structure(model, os.path.join(folder, STRUCTURE_PICTURE), title=title)
+
+
+def plot_mn_heatmap(scores: dict[tuple[int, int], float], path: str, title: Optional[str] = None,
+                    metric: str = "dev accuracy %") -> str:
+    """The paper's Fig. 6: the dev metric of every (M merges, N injects) pair of a grid search, as a heatmap
+    (rows M, columns N, each cell annotated; pairs not run are left blank, the best is outlined). Returns `path`."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).lower().endswith(".png"):
+        raise ValueError(f"plot_mn_heatmap(path={path!r}): expected a file path ending in '.png'.")
+    if not scores:
+        raise ValueError("plot_mn_heatmap(scores={}): expected at least one (M, N) -> score entry.")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import numpy as np
+        from matplotlib import pyplot as plt
+        from matplotlib.patches import Rectangle
+    except ImportError as err:
+        raise ImportError('plot_mn_heatmap needs matplotlib: pip install "lor2c-hf[plot]"') from err
+
+    ms, ns = sorted({m for m, _ in scores}), sorted({n for _, n in scores})
+    grid = np.full((len(ms), len(ns)), np.nan)
+    for (m, n), value in scores.items():
+        grid[ms.index(m), ns.index(n)] = value
+    best_m, best_n = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.0 * len(ns) + 2.4), max(4.0, 0.8 * len(ms) + 1.8)))
+    try:
+        image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+        for i, m in enumerate(ms):
+            for j, n in enumerate(ns):
+                if not np.isnan(grid[i, j]):
+                    light = grid[i, j] < np.nanmin(grid) + 0.6 * (np.nanmax(grid) - np.nanmin(grid))
+                    ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                            color="white" if light else "black")
+        ax.add_patch(Rectangle((ns.index(best_n) - 0.5, ms.index(best_m) - 0.5), 1, 1, fill=False, edgecolor="red",
+                               linewidth=2))
+        ax.set_xticks(range(len(ns)), [str(n) for n in ns])
+        ax.set_yticks(range(len(ms)), [str(m) for m in ms])
+        ax.set_xlabel("N (injects)")
+        ax.set_ylabel("M (merges)")
+        fig.colorbar(image, ax=ax, label=metric)
+        ax.set_title(title or f"{metric} per (M, N); best M={best_m}, N={best_n}", fontsize=8)
+        fig.tight_layout()
+        from .serialization import atomic_write
+
+        atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    return os.fspath(path)

@@ -3,7 +3,8 @@ inference by `merge_and_unload()`.
 
 For block l, target projection W (same target name in every block), `s = lora_alpha / r`:
 
-- `is`: h = W x_l + s B_l A_l drop(x_l + x_{l-1})
+- `is`: h = W x_l + s B_l A_l drop(x_l + x_{l-1}); at block 0 the term is left out (`is_block0="skip"`) or, as
+  in LMOps' code, x_{-1} = x_0 (`is_block0="self"`, merged as 2 s B A)
 - `bs`: h = W x_l + s sum_{k=0..p} B_{l-k} A_{l-k} drop(x_l)
 - `ms`: h = W x_l + s B_l (A_l drop(x_l) + sum_{k=1..p} A_{l-k} drop(x_{l-k}))
 
@@ -19,7 +20,8 @@ before that block is recomputed, so two forwards followed by their backwards sti
 
 Merging: `bs` folds exactly into W. `is` and `ms` cannot (the inference model has no x_{l-k}): they replace
 x_{l-k} by (f_{l-k} / f_l) x_l, with f the running mean token L2 norm of each projection's input, collected in
-training-mode forwards and saved with the adapter. `merge_error(inputs)` measures what that costs on a batch.
+training-mode forwards (all of them) and saved with the adapter. LMOps uses the Frobenius norm of each batch's
+input averaged over the last 100 training forwards instead; both estimate the same ratio of input scales. `merge_error(inputs)` measures what that costs on a batch.
 """
 
 from __future__ import annotations
@@ -163,6 +165,8 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         first_call = (block, target) not in stash  # False while gradient checkpointing recomputes the block
         if flag == "is":
             previous = stash.get((block - 1, target))
+            if block == 0 and self.reslora_config.is_block0 == "self":
+                previous = x  # LMOps: block 0 reads its own input twice
             dtype = layer.lora_A.weight.dtype
             result = layer(x if previous is None else x.to(dtype) + previous.to(dtype), output)
             keep = x
@@ -267,7 +271,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
                 if c.res_flag == "bs":
                     delta = sum(m.delta_weight().float() for m in self._shortcut_layers(block, t))
                 elif c.res_flag == "is":
-                    ratio = norms[block - 1, t] / norms[block, t] if block > 0 else 0.0
+                    ratio = norms[block - 1, t] / norms[block, t] if block > 0 else float(c.is_block0 == "self")
                     delta = (1 + ratio) * layer.scaling * (b @ a)
                 else:
                     mixed = a + sum((norms[block - k, t] / norms[block, t]) * self._layers[block - k][t].lora_A.weight.float()

@@ -76,7 +76,7 @@ class AdapterArguments:
     inject_alpha: Optional[float] = field(default=None, metadata={"help": "lora_alpha of the injected LoRA."})
     inject_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout of the injected LoRA."})
     schedule: Optional[str] = field(default=None, metadata={"help": "When events happen: 'epochs' (paper eqs. 11-12) or 'steps' (fractional epochs, checked every optimizer step)."})
-    merge_criterion: Optional[str] = field(default=None, metadata={"help": "'paper' (lowest summed SFS) or 'official' (lowest summed rho, the authors' code)."})
+    merge_criterion: Optional[str] = field(default=None, metadata={"help": "'official' (lowest summed rho, the authors' code; LoR2CConfig's default) or 'paper' (lowest summed SFS, the paper's text)."})
     merge_keep: Optional[str] = field(default=None, metadata={"help": "Whose A, B survive a merge: 'paper' (higher SFS) or 'official' (lower block)."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Projections for LoRA / ResLoRA / injected LoRA (default: the query and value projections of the architecture)."})
     res_flag: Optional[str] = field(default=None, metadata={"help": "ResLoRA residual type: is, bs or ms."})
@@ -88,6 +88,18 @@ class RecipeTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the global batch, from which gradient accumulation is derived."""
 
     global_batch_size: int = field(default=0, metadata={"help": "Examples per optimizer step over all processes; gradient accumulation = global / (per-device batch x processes). 0: use --gradient_accumulation_steps as given."})
+
+
+@dataclass
+class GlueTrainingArguments(RecipeTrainingArguments):
+    """`RecipeTrainingArguments` plus recipes/glue.py's task-head learning rate and M x N grid search (defined here,
+    not in glue.py, so the `training_args.bin` it pickles loads wherever `common` imports)."""
+
+    head_learning_rate_ratio: float = field(default=1.0, metadata={"help": "Learning rate of the task head (e.g. RoBERTa's classifier) as a multiple of --learning_rate; the authors' GLUE script trains it at 0.5 (lr / 2)."})
+    search_mn: bool = field(default=False, metadata={"help": "Before training, grid-search M (merges) x N (injects) over --search_values on the dev set (LoR2CTrainer.hyperparameter_search with Optuna, a fresh model per trial, each scored by its best epoch), write mn_search.json and the heatmap mn_search.png to --output_dir, then train with the best pair. Needs --method imlor2c."})
+    search_values: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "With --search_mn: the values of M and of N (pairs with more events than the model allows are skipped)."})
+    search_merge_rules: bool = field(default=False, metadata={"help": "With --search_mn: also search merge_criterion x merge_keep (paper / official each), 4 times the trials."})
+    search_epochs: Optional[float] = field(default=None, metadata={"help": "With --search_mn: epochs per trial (default: --num_train_epochs)."})
 
 
 class RecipeArgumentParser(HfArgumentParser):

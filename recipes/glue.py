@@ -14,7 +14,9 @@ adapter (LoR2C family, ResLoRA or PEFT LoRA). Both write `glue_report.json` and 
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -26,9 +28,10 @@ from transformers import (
 )
 
 from common import (
-    AdapterArguments, ModelArguments, RecipeArgumentParser, RecipeError, RecipeTrainingArguments, check_model_arguments,
-    check_positive, check_ranks_agree, describe_batch, draw_structure, hub_error, load_model, load_tokenizer, main_print, one_line,
-    prepare_training_namespace, run_recipe, unwrap_model, validate_adapter_arguments, wrap_model,
+    AdapterArguments, GlueTrainingArguments, ModelArguments, RecipeArgumentParser, RecipeError, check_model_arguments,
+    check_positive, check_ranks_agree, describe_batch, draw_structure, hub_error, load_model, load_tokenizer,
+    lor2c_config_from, main_print, one_line, prepare_training_namespace, run_recipe, unwrap_model,
+    validate_adapter_arguments, wrap_model,
 )
 
 REPORT_NAME = "glue_report"
@@ -103,7 +106,8 @@ class GlueDataArguments:
     adapter: Optional[str] = field(default=None, metadata={"help": "With --eval_only: a saved adapter folder (LoR2C family, ResLoRA, or PEFT LoRA)."})
 
 
-SECTIONS = {"model": ModelArguments, "adapter": AdapterArguments, "data": GlueDataArguments, "training": RecipeTrainingArguments}
+SECTIONS = {"model": ModelArguments, "adapter": AdapterArguments, "data": GlueDataArguments, "training": GlueTrainingArguments}
+SEARCH_REPORT = "mn_search"  # mn_search.json, mn_search.png in the output folder
 
 # SPEC §8 settings shared by all tasks; per-task epochs, batch, lr and M, N live in recipes/configs/glue_<task>.yaml.
 RECIPE_DEFAULTS: dict[str, Any] = dict(
@@ -111,7 +115,7 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
     method="imlor2c", r=8, lora_alpha=16, lora_dropout=0.1, inject_r=4, inject_alpha=16, inject_dropout=0.05,
     num_merges=4, num_injects=4, schedule="epochs",
     seed=17, num_train_epochs=30, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=4e-4,
-    lr_scheduler_type="linear", warmup_steps=0.06, optim="adamw_torch", weight_decay=0.0,
+    lr_scheduler_type="linear", warmup_steps=0.06, optim="adamw_torch", weight_decay=0.01, head_learning_rate_ratio=0.5,
     eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, save_total_limit=1,
     logging_steps=50, report_to="none", dataloader_pin_memory=torch.cuda.is_available(),
 )
@@ -294,11 +298,43 @@ def compute_metrics_fn(task: GlueTask) -> Callable[[EvalPrediction], dict[str, f
     return compute
 
 
-def build_trainer(trainer_class: type, model: torch.nn.Module, training_args: TrainingArguments, task: GlueTask,
-                  tokenizer: Any, train: Optional[Any], dev: Any) -> Trainer:
+class HeadLearningRate:
+    """Trainer mixin: the task head trains at `args.head_learning_rate_ratio` x the learning rate, in param groups
+    of its own (as the authors' GLUE script does for RoBERTa's classifier, at lr / 2)."""
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)  # type: ignore[misc]
+        ratio = getattr(self.args, "head_learning_rate_ratio", 1.0)
+        if ratio == 1.0 or getattr(optimizer, "_head_groups_split", False):
+            return optimizer
+        head = {id(p) for p in head_parameters(model if model is not None else self.model)}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in head]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in head]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                           "params": moved, "lr": group["lr"] * ratio})
+        optimizer._head_groups_split = True
+        return optimizer
+
+
+def head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the task head(s) (`classifier`, `score`, ...) of a wrapped or PEFT model."""
+    from lor2c_hf.architectures import detect_task_heads
+
+    inner = unwrap_model(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    heads = set(detect_task_heads(base))
+    return [p for name, p in inner.named_parameters() if p.requires_grad and heads & set(name.split("."))]
+
+
+def build_trainer(trainer_class: type, model: Optional[torch.nn.Module], training_args: TrainingArguments,
+                  task: GlueTask, tokenizer: Any, train: Optional[Any], dev: Any, **kwargs: Any) -> Trainer:
+    """`trainer_class` (with `HeadLearningRate`) on the task's data, metric and collator; `kwargs` go to it."""
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None)
-    return trainer_class(model=model, args=training_args, train_dataset=train, eval_dataset=dev,
-                         processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics_fn(task))
+    cls = type(f"Glue{trainer_class.__name__}", (HeadLearningRate, trainer_class), {})
+    return cls(model=model, args=training_args, train_dataset=train, eval_dataset=dev, processing_class=tokenizer,
+               data_collator=collator, compute_metrics=compute_metrics_fn(task), **kwargs)
 
 
 def load_saved_adapter(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, type, str]:
@@ -319,6 +355,82 @@ def load_saved_adapter(model: torch.nn.Module, path: str) -> tuple[torch.nn.Modu
         return lor2c_hf.load_adapter_model(model, path), lor2c_hf.LoR2CTrainer, str(saved.get("method"))
     except (lor2c_hf.AdapterLoadError, ValueError, KeyError, RuntimeError) as err:
         raise RecipeError(f"--adapter {path} does not fit --model_name_or_path: {one_line(err)[:400]}") from None
+
+
+# --- M x N search ----------------------------------------------------------------------------------------------
+
+
+def search_space(values: Sequence[int], rules: bool) -> dict[str, list[Any]]:
+    """The Optuna grid: M x N (x merge_criterion x merge_keep)."""
+    space: dict[str, list[Any]] = {"num_merges": list(values), "num_injects": list(values)}
+    if rules:
+        space.update(merge_criterion=["paper", "official"], merge_keep=["paper", "official"])
+    return space
+
+
+def search_mn(model_args: ModelArguments, adapter_args: AdapterArguments, training_args: "GlueTrainingArguments",
+              task: GlueTask, tokenizer: Any, train: Any, dev: Any) -> dict[str, Any]:
+    """Grid-search M, N (and the merge rule) with `LoR2CTrainer.hyperparameter_search`: one fresh model per trial
+    (same seed, so the same head init and data order), each scored by its best dev metric over the epochs.
+    Writes `mn_search.json` and `mn_search.png` in the output folder; returns the best trial's adapter fields."""
+    import optuna
+    from lor2c_hf import LoR2CTrainer
+    from lor2c_hf.plotting import plot_mn_heatmap
+
+    if adapter_args.method != "imlor2c":
+        raise RecipeError(f"--search_mn searches IMLoR2C's M and N; got --method {adapter_args.method} "
+                          "(M = 0 is InjectLoR2C, N = 0 MergeLoR2C): pass --method imlor2c.")
+    args = copy.deepcopy(training_args)
+    args.output_dir = os.path.join(training_args.output_dir, SEARCH_REPORT)
+    args.save_strategy, args.load_best_model_at_end, args.push_to_hub = "no", False, False
+    if training_args.search_epochs:
+        args.num_train_epochs = training_args.search_epochs
+    space = search_space(training_args.search_values, training_args.search_merge_rules)
+    trainer = build_trainer(LoR2CTrainer, None, args, task, tokenizer, train, dev, lor2c_config=lor2c_config_from(adapter_args),
+                            model_init=lambda: load_classifier(model_args, training_args, task, tokenizer))
+    blocks = trainer.lor2c_model.num_blocks
+    trials: dict[int, dict[str, Any]] = {}
+    current: dict[str, Any] = {}
+    metric = f"eval_{task.best_metric}"
+
+    def hp_space(trial: Any) -> dict[str, Any]:
+        current["trial"] = trial
+        values = {name: trial.suggest_categorical(name, choices) for name, choices in space.items()}
+        if values["num_merges"] + values["num_injects"] > blocks or values["num_merges"] > blocks - 1:
+            raise optuna.TrialPruned(f"M={values['num_merges']}, N={values['num_injects']}: more events than the "
+                                     f"{blocks} blocks allow")
+        return values
+
+    def best_epoch(metrics: dict[str, float]) -> float:
+        """The trial's best dev metric so far (what load_best_model_at_end would keep)."""
+        score = max(e[metric] for e in trainer.state.log_history if metric in e)
+        model, trial = trainer.lor2c_model, current["trial"]
+        trials[trial.number] = {**trial.params, "score": score, "adapter_params": model.num_adapter_parameters(),
+                                "spans": model.structure["spans"], "injected": model.structure["injected"]}
+        return score
+
+    main_print(training_args, f"[glue] --search_mn: {len(space['num_merges']) * len(space['num_injects'])} (M, N) pairs"
+                              f"{' x 4 merge rules' if training_args.search_merge_rules else ''} on {task.name} dev")
+    best = trainer.hyperparameter_search(hp_space=hp_space, compute_objective=best_epoch, direction="maximize",
+                                         backend="optuna", n_trials=math.prod(len(v) for v in space.values()),
+                                         sampler=optuna.samplers.GridSampler(space, seed=training_args.seed))
+    chosen = {k: best.hyperparameters[k] for k in space}
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        report = {"task": task.name, "metric": task.best_metric, "space": space, "epochs_per_trial": args.num_train_epochs,
+                  "trials": [trials[k] for k in sorted(trials)], "best": {**chosen, "score": best.objective}}
+        with open(os.path.join(training_args.output_dir, f"{SEARCH_REPORT}.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        cells: dict[tuple[int, int], float] = {}
+        for t in trials.values():  # the best merge rule of each (M, N) when rules were searched too
+            key = (t["num_merges"], t["num_injects"])
+            cells[key] = max(cells.get(key, -math.inf), t["score"])
+        plot_mn_heatmap(cells, os.path.join(training_args.output_dir, f"{SEARCH_REPORT}.png"),
+                        f"{task.name} dev {task.best_metric} per (M, N), best epoch; best M={chosen['num_merges']}, "
+                        f"N={chosen['num_injects']}", metric=task.best_metric)
+    main_print(training_args, f"[glue] --search_mn best: {chosen} ({task.best_metric} {best.objective:.4f}); "
+                              f"training with it")
+    return chosen
 
 
 # --- report --------------------------------------------------------------------------------------------------
@@ -441,6 +553,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metrics = trainer.evaluate()
         adapter_dir, mode = data_args.adapter, "eval_only"
     else:
+        if training_args.search_mn:
+            for name, value in search_mn(model_args, adapter_args, training_args, task, tokenizer, train, dev).items():
+                setattr(adapter_args, name, value)
+            set_seed(training_args.seed)
         main_print(training_args, f"[glue] {task.name} with {adapter_args.method}: {len(train)} training and {len(dev)} "
                                   f"dev examples; {describe_batch(training_args)}; output {training_args.output_dir}")
         model, trainer_class = wrap_model(model, adapter_args, "SEQ_CLS")

@@ -43,6 +43,7 @@ QUICKSTART_DEFAULTS: dict[str, Any] = {
     "method": "imlor2c", "num_merges": 2, "num_injects": 2, "schedule": "steps",  # events early in training
     "num_train_epochs": 1, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 32,
     "learning_rate": 2e-3, "logging_steps": 10, "group_by_length": True,
+    "weight_decay": 0.0, "head_learning_rate_ratio": 1.0,  # the short run's settings, not the GLUE configs'
     # One epoch over the 4,000 shipped sentences; scored before and after (no checkpoints: one epoch, one model).
     "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False,
     "output_dir": os.path.join("out", "quickstart"),

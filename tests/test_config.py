@@ -66,7 +66,9 @@ def test_defaults_are_the_papers_glue_setting():
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.1)
     assert (config.inject_r, config.inject_alpha, config.inject_dropout) == (4, 16, 0.05)
     assert config.scaling == 16 / 8
-    assert (config.merge_criterion, config.merge_keep, config.sfs_top_k) == ("paper", "paper", 2)
+    assert (config.merge_keep, config.sfs_top_k) == ("paper", 2)
+    # The merged pair follows the authors' code, not the paper's text (README, quality benchmarks).
+    assert (config.merge_criterion, config.zero_b_score) == ("official", "spec")
 
 
 @pytest.mark.parametrize("r,expected", [(64, 32), (8, 4), (3, 1), (1, 1)])

@@ -236,7 +236,7 @@ def _decision_model(num_blocks: int = 5, **config):
 
 @pytest.mark.parametrize("share_a", [False, True])
 def test_paper_merge_picks_min_summed_sfs_and_keeps_higher_sfs(share_a):
-    model = _decision_model(num_merges=2, share_a=share_a)
+    model = _decision_model(num_merges=2, share_a=share_a, merge_criterion="paper")
     sfs = _set_spectra(model, [0.5, 0.1, 0.2, 0.9, 0.8])
     expected = min(_adjacent_pairs(model.structure["spans"]), key=lambda k: sfs[k] + sfs[k + 1])
     assert expected == 1
@@ -280,7 +280,7 @@ def test_merge_keep_is_independent_of_the_criterion():
 
 
 def test_inject_picks_min_sfs_block_and_merges_never_cross_it():
-    model = _decision_model(num_merges=2, num_injects=1)
+    model = _decision_model(num_merges=2, num_injects=1, merge_criterion="paper")
     sfs = _set_spectra(model, [0.05, 0.01, 0.06, 0.9, 0.8])
     assert min(range(5), key=lambda k: sfs[k]) == 1
     record = model.apply_inject()
@@ -299,7 +299,7 @@ def test_inject_picks_min_sfs_block_and_merges_never_cross_it():
 
 
 def test_inject_ignores_merged_spans_even_with_lowest_sfs():
-    model = _decision_model(num_blocks=4, num_merges=1, num_injects=1)
+    model = _decision_model(num_blocks=4, num_merges=1, num_injects=1, merge_criterion="paper")
     _set_spectra(model, [0.5, 0.01, 0.02, 0.3])
     assert model.apply_merge()["blocks"] == [1, 2]
     sfs = model.sfs().sfs.tolist()
