@@ -146,7 +146,8 @@ class CurveCallback(TrainerCallback):
 def fix_structure(model: LoR2CModel, spans: list[list[int]], injected: list[int]) -> None:
     """Give `model` this final structure from step 0, with its events marked done so none fires."""
     c = model.lor2c_config
-    done = [{"kind": "merge", "fixed": True}] * c.num_merges + [{"kind": "inject", "fixed": True}] * c.num_injects
+    fixed = {"skipped": True, "reason": "structure fixed from step 0 (event_probe)", "step": None, "epoch": None}
+    done = [{"kind": "merge", **fixed}] * c.num_merges + [{"kind": "inject", **fixed}] * c.num_injects
     model.set_structure({"num_blocks": model.num_blocks, "spans": spans, "owners": [s for s, _ in spans],
                          "injected": injected, "events": done})
 
