@@ -38,6 +38,13 @@ def unwrap_adapter(model: Any, kind: type = AdapterIOMixin) -> Any:
     return seen
 
 
+def default_find_unused_parameters(args: Any, adapter: Any) -> None:
+    """DDP must look for unused parameters when events run: retired and not-yet-injected slots get no gradient.
+    An explicit `ddp_find_unused_parameters` is left as the user set it."""
+    if args is not None and args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = isinstance(adapter, LoR2CModel) and adapter.lor2c_config.has_events
+
+
 class AdapterTrainerMixin:
     """Checkpoints, `save_model`, resume, best-model reload and the Hub card of an adapter model.
 

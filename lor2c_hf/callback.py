@@ -17,7 +17,7 @@ from typing import Any, Optional
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapter_trainer import adopt_trainer, unwrap_adapter
+from .adapter_trainer import adopt_trainer, default_find_unused_parameters, unwrap_adapter
 from .atomic import atomic_write_text
 from .checkpoint_io import CheckpointIOMixin, mark_complete
 from .guards import check_training_step
@@ -47,7 +47,8 @@ def _calling_trainer(callback: TrainerCallback) -> Optional[Trainer]:
     try:
         while frame is not None:
             candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer) and callback in getattr(candidate, "callback_handler", None).callbacks:
+            handler = getattr(candidate, "callback_handler", None)  # None while a Trainer is still being made
+            if isinstance(candidate, Trainer) and callback in getattr(handler, "callbacks", ()):
                 return candidate
             frame = frame.f_back
         return None
@@ -91,8 +92,7 @@ class LoR2CCallback(TrainerCallback):
                                f"the whole base model and not resume the structure. Use {SUPPORTED_PATTERN}.")
         adopt_trainer(trainer)
         self.trainer = trainer
-        if args.ddp_find_unused_parameters is None:  # slots retired or not yet injected get no gradient
-            args.ddp_find_unused_parameters = isinstance(adapter, LoR2CModel) and adapter.lor2c_config.has_events
+        default_find_unused_parameters(args, adapter)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         self._bind(args, model)  # a callback added after the Trainer was made (`add_callback`)

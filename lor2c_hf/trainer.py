@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from transformers import Trainer
 
-from .adapter_trainer import AdapterTrainerMixin
+from .adapter_trainer import AdapterTrainerMixin, default_find_unused_parameters
 from .callback import LoR2CCallback
 from .checkpoint_io import CheckpointIOMixin
 from .config import LoR2CConfig, check_adapter_config
@@ -64,9 +64,7 @@ class LoR2CTrainer(AdapterTrainerMixin, CheckpointIOMixin, Trainer):
             model = get_reslora_model(model, lor2c_config)
         else:
             model = get_lor2c_model(model, lor2c_config or LoR2CConfig())
-        if args is not None and args.ddp_find_unused_parameters is None:
-            # Slots that merges retire or injects have not yet activated receive no gradient.
-            args.ddp_find_unused_parameters = isinstance(model, LoR2CModel) and model.lor2c_config.has_events
+        default_find_unused_parameters(args, model)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         # One schedule callback: a LoR2CCallback the caller passed in `callbacks` is bound to this trainer.
         given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LoR2CCallback)]
