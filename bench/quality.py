@@ -17,6 +17,8 @@ already holds (same hyper-parameters and data), so a long benchmark can be stopp
     python bench/quality.py --learning_rate 2e-3 --name quality_lr2e-3   # another setting, kept beside the first
     python bench/quality.py --preset long --threads 1   # the paper's regime: 1,000 sentences x 12 epochs, eqs. 11-12
                                                         # schedule (events after epochs 2 and 4), 10 methods and rules
+    python bench/quality.py --preset long --seed_list 2 --name quality_long_seed2   # one seed in another process
+    python bench/quality.py --preset long --combine bench/results/quality_long_seed2.json   # ... then fold it in
     python bench/quality.py --smoke --model_dir <tiny model> --data_dir <folder with train.tsv, dev.tsv>
 
 Not part of CI. `bench/grad_flow.py` reuses the data, model and adapter helpers defined here.
@@ -81,7 +83,8 @@ class HParams:
     inject_alpha: float = 16
     num_merges: int = 2  # IMLoR2C on 6 blocks: M = N = 2 (the preset's 4 + 4 needs at least 8 blocks)
     num_injects: int = 2
-    merge_criterion: str = "paper"  # LoR2CConfig's default (the paper's text); "official" = the authors' code
+    merge_criterion: str = "paper"  # the paper's text; "official" = the authors' code (LoR2CConfig's default since
+    # issue 14; kept "paper" here so that the JSON files written before stay comparable: name a rule with method:rule)
     merge_keep: str = "paper"
     schedule: str = "steps"  # events at fractional epochs (the run is a step budget); "epochs" = eqs. 11-12
     res_flag: str = "ms"  # ResLoRA's NLU setting (SPEC §9); pre_num is capped at the number of blocks - 1
@@ -496,6 +499,30 @@ def resumed_payload(path: str, fresh: bool, hp: HParams, data: dict[str, Any]) -
     return payload
 
 
+def combine_runs(payload: dict[str, Any], paths: Sequence[str], hp: HParams, data: dict[str, Any]) -> None:
+    """Add to `payload` the runs of the JSON files at `paths` that it lacks (the results of the same benchmark run
+    elsewhere, e.g. one seed per process); a file with other hyper-parameters or data is an error, and a run present
+    in both must agree (same accuracy), or one of them is not what it claims to be."""
+    have = {(r["method"], r["seed"]): r for r in payload["runs"]}
+    for path in paths:
+        other = resumed_payload(path, False, hp, data)
+        added, seconds = 0, 0.0
+        for run in other["runs"]:
+            key = (run["method"], run["seed"])
+            if key in have:
+                if have[key]["accuracy"] != run["accuracy"]:
+                    raise BenchError(f"--combine {path}: {key[0]} seed {key[1]} scored {run['accuracy']} there and "
+                                     f"{have[key]['accuracy']} in the output file; same settings must give the same run.")
+                continue
+            payload["runs"].append(run)
+            have[key] = run
+            added, seconds = added + 1, seconds + run["seconds"]
+        payload["methods"] += [m for m in other.get("methods", []) if m not in payload["methods"]]
+        payload["seeds"] = sorted(set(payload["seeds"]) | {r["seed"] for r in other["runs"]})
+        payload["wall_seconds"] = round(payload.get("wall_seconds", 0) + seconds, 1)
+        print(f"quality: added {added} run(s) from {path}", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
@@ -505,6 +532,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--methods", default=None, help=f"Comma-separated, from {KNOWN_METHODS}, or "
                         "<method>:<criterion>/<keep> for a merge rule (e.g. imlor2c:official/official).")
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ...); at least 3 for the report.")
+    parser.add_argument("--seed_list", default=None, help="Comma-separated seeds to run instead of 0 .. --seeds - 1 "
+                        "(e.g. 2, to run one seed in another process under another --name, then --combine it).")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="Train nothing: add the runs of these JSON files (same hyper-parameters and data) that the "
+                        "output file lacks, then rewrite its summary, verdicts and PNG.")
     parser.add_argument("--smoke", action="store_true", help="A few steps on little data: checks the script, measures nothing.")
     parser.add_argument("--fresh", action="store_true", help="Start over instead of continuing the runs already in the JSON.")
     parser.add_argument("--no_png", action="store_true")
@@ -522,6 +554,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--methods: none given; expected any of {KNOWN_METHODS}.")
     if args.seeds < 1:
         parser.error("--seeds: expected at least 1.")
+    try:
+        seeds = sorted({int(x) for x in args.seed_list.split(",") if x.strip()}) if args.seed_list else list(range(args.seeds))
+    except ValueError:
+        parser.error(f"--seed_list {args.seed_list!r}: expected comma-separated non-negative integers, e.g. 1,2.")
+    if not seeds or min(seeds) < 0:
+        parser.error(f"--seed_list {args.seed_list!r}: expected comma-separated non-negative integers, e.g. 1,2.")
+    for other in args.combine or []:
+        if not os.path.isfile(other):
+            parser.error(f"--combine: {other} does not exist; expected a JSON file written by this script.")
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name):
         parser.error(f"--name {args.name!r}: expected a plain file name without a folder (use --output_dir for that).")
     for key, value in preset.get("hparams", {}).items():
@@ -541,20 +582,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     json_path = os.path.join(args.output_dir, f"{name}.json")
     data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv"}
     payload = resumed_payload(json_path, args.fresh, hp, data) or {"runs": []}
-    earlier = [m for m in payload.get("methods", []) if m not in methods]
+    earlier = payload.get("methods", [])  # the file's order first, so tables keep their rows where they were
     payload.update({
         "benchmark": "quality", "preset": args.preset, "smoke": args.smoke, "machine": machine(),
         "model": {"name": model_label(model_dir), "dir": model_dir,
                   "type": transformers.AutoConfig.from_pretrained(model_dir).model_type},
-        "data": data, "hyperparameters": dataclasses.asdict(hp), "methods": methods + earlier,
-        "seeds": sorted(set(payload.get("seeds", [])) | set(range(args.seeds))), "unavailable": unavailable,
+        "data": data, "hyperparameters": dataclasses.asdict(hp),
+        "methods": earlier + [m for m in methods if m not in earlier],
+        "seeds": sorted(set(payload.get("seeds", [])) | (set() if args.combine else set(seeds))),
+        "unavailable": unavailable,
     })
     done = {(r["method"], r["seed"]) for r in payload["runs"]}
-    print(f"quality: {len(methods)} methods x {args.seeds} seeds, {budget(hp)} of batch {hp.batch_size}, "
-          f"{len(train_ds)} train / {len(eval_ds)} dev rows, model {model_dir}; {len(done)} run(s) already in "
-          f"{json_path}", flush=True)
+    if args.combine:
+        combine_runs(payload, args.combine, hp, data)
+        seeds = []  # nothing to train
+    else:
+        print(f"quality: {len(methods)} methods x seeds {seeds}, {budget(hp)} of batch {hp.batch_size}, "
+              f"{len(train_ds)} train / {len(eval_ds)} dev rows, model {model_dir}; {len(done)} run(s) already in "
+              f"{json_path}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lor2c-quality-") as work_dir:
-        for seed in range(args.seeds):  # seeds outer, so an interrupted run still compares every method
+        for seed in seeds:  # seeds outer, so an interrupted run still compares every method
             for method in methods:
                 if (method, seed) in done:
                     continue

@@ -43,6 +43,31 @@ def test_long_preset_runs_rule_variants_on_the_epoch_schedule_and_resumes(worksp
     other = _run_failing(root, data, model, "--preset", "long", "--methods", "lor2c", "--learning_rate", "1e-3")
     assert "other hyper-parameters" in other
 
+    # one seed in another process under another name, then folded into the first file
+    _run("quality.py", root, data, model, "--preset", "long", "--methods", methods, "--seed_list", "2",
+         "--name", "seed2", "--no_png")
+    seed2 = _load(root, "seed2")
+    assert [(r["method"], r["seed"]) for r in seed2["runs"]] == [(m, 2) for m in methods.split(",")]
+    combined = _run("quality.py", root, data, model, "--preset", "long", "--combine", str(root / "out" / "seed2.json"),
+                    "--no_png")
+    assert "added 3 run(s)" in combined.stdout
+    merged = _load(root, "quality_smoke")
+    assert merged["runs"][:6] == resumed["runs"] and merged["runs"][6:] == seed2["runs"]
+    assert merged["seeds"] == [0, 1, 2] and merged["summary"]["lor2c"]["n_seeds"] == 3
+    accs = [100 * r["accuracy"] for r in merged["runs"] if r["method"] == "lor2c"]
+    assert merged["summary"]["lor2c"]["accuracy_mean"] == pytest.approx(sum(accs) / 3)
+    assert "not conclusive" not in merged["imlor2c_verdicts"]["imlor2c:paper/paper"]["text"]
+    again = _run("quality.py", root, data, model, "--preset", "long", "--combine", str(root / "out" / "seed2.json"),
+                 "--no_png")
+    assert "added 0 run(s)" in again.stdout and _load(root, "quality_smoke")["runs"] == merged["runs"]
+
+    seed2["runs"][0]["accuracy"] += 0.5  # a file claiming another result for the same run
+    (root / "out" / "seed2.json").write_text(json.dumps(seed2))
+    conflict = _run_failing(root, data, model, "--preset", "long", "--combine", str(root / "out" / "seed2.json"))
+    assert "lor2c seed 2 scored" in conflict
+    missing = _run_failing(root, data, model, "--preset", "long", "--combine", str(root / "out" / "nothing.json"))
+    assert "--combine" in missing and "does not exist" in missing
+
 
 def _run_failing(root, data, model, *extra: str) -> str:
     with pytest.raises(AssertionError) as failure:
