@@ -1,0 +1,61 @@
+"""bench/report.py renders the README's quality tables from the committed benchmark JSON: the README must hold
+exactly what the files render to, and a changed number in a file must show up as a stale README block."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+import report  # noqa: E402
+
+README = os.path.join(REPO, "README.md")
+
+
+def test_readme_blocks_are_what_the_committed_json_renders_to(capsys):
+    assert report.main(["--check", README]) == 0, capsys.readouterr().err
+
+
+def test_long_table_means_and_stds_are_the_runs_own(tmp_path):
+    payload = json.loads(open(os.path.join(report.RESULTS, "quality_long.json"), encoding="utf-8").read())
+    block = report.quality_long(payload)
+    for method in ("lora", "lor2c"):
+        accs = [100 * r["accuracy"] for r in payload["runs"] if r["method"] == method]
+        expected = f"{statistics.fmean(accs):.2f}" + (f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else "")
+        row = next(line for line in block.splitlines()
+                   if line.startswith(f"| {report.label(method, {}, payload['hyperparameters'])} |"))
+        assert f"| {expected} | {len(accs)} of " in row
+
+
+def test_a_changed_number_makes_the_readme_block_stale(tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(report.RESULTS, results, ignore=shutil.ignore_patterns("*.png", "*.csv"))
+    path = results / "quality_long.json"
+    payload = json.loads(path.read_text())
+    run = next(r for r in payload["runs"] if r["method"] == "lor2c")
+    run["accuracy"] -= 0.05
+    path.write_text(json.dumps(payload))
+    readme = tmp_path / "README.md"
+    shutil.copy(README, readme)
+    assert report.main(["--results", str(results), "--check", str(readme)]) == 1
+    assert "quality_long" in capsys.readouterr().err
+    assert report.main(["--results", str(results), "--write", str(readme)]) == 0
+    assert report.main(["--results", str(results), "--check", str(readme)]) == 0
+    text = readme.read_text()
+    assert text != open(README, encoding="utf-8").read()
+    outside = report.pattern("quality_long").sub("", text)
+    assert outside == report.pattern("quality_long").sub("", open(README, encoding="utf-8").read())  # nothing else moved
+
+
+def test_a_readme_without_the_markers_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no blocks here\n")
+    with pytest.raises(report.quality.BenchError, match="report:quality_long"):
+        report.main(["--check", str(readme)])
