@@ -1,11 +1,11 @@
 """The README's quality tables, rendered from the JSON files the benchmarks wrote, so that its numbers are the files'.
 
-Each table sits in README.md between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; a CI test fails when a
+Each table sits in README.md and bench/README.md between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; a CI test fails when a
 block differs from what the committed JSON renders to (edit the JSON's script run, never the numbers by hand).
 
     python bench/report.py                       # print every block
-    python bench/report.py --write README.md     # rewrite the blocks in place
-    python bench/report.py --check README.md     # exit 1, naming the blocks that differ
+    python bench/report.py --write README.md bench/README.md    # rewrite the blocks in place
+    python bench/report.py --check README.md bench/README.md    # exit 1, naming the blocks that differ
 
 Blocks: `quality_long` (`results/quality_long.json`: the table, mean ± std over seeds, and the verdicts),
 `quality_quick` (`results/quality.json` beside `results/quality_lr2e-3.json`) and `mn_grid` (`results/mn_grid.json`).
@@ -195,31 +195,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=RESULTS, help="Folder of the benchmark JSON files.")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", metavar="README", help="Rewrite the blocks of this file in place.")
-    group.add_argument("--check", metavar="README", help="Exit 1 when a block of this file differs from the JSON.")
+    group.add_argument("--write", nargs="+", metavar="MARKDOWN", help="Rewrite the blocks of these files in place.")
+    group.add_argument("--check", nargs="+", metavar="MARKDOWN", help="Exit 1 when a block of these files differs from the JSON.")
     args = parser.parse_args(argv)
     blocks = render(args.results)
     if not (args.write or args.check):
         for name, body in blocks.items():
             print(f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->\n")
         return 0
-    path = args.write or args.check
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    new, changed = rewrite(text, blocks)
-    if args.check:
-        if changed:
-            print(f"{path}: block(s) {', '.join(changed)} differ from {args.results}; run python bench/report.py "
-                  f"--write {path}", file=sys.stderr)
-            return 1
-        print(f"{path}: every block matches {args.results}")
-        return 0
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(tmp, path)
-    print(f"{path}: rewrote {', '.join(changed) or 'nothing (already current)'}")
-    return 0
+    status = 0
+    for path in args.write or args.check:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        new, changed = rewrite(text, blocks)
+        if args.check:
+            if changed:
+                print(f"{path}: block(s) {', '.join(changed)} differ from {args.results}; run python bench/report.py "
+                      f"--write {path}", file=sys.stderr)
+                status = 1
+            else:
+                print(f"{path}: every block matches {args.results}")
+            continue
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(new)
+        os.replace(tmp, path)
+        print(f"{path}: rewrote {', '.join(changed) or 'nothing (already current)'}")
+    return status
 
 
 if __name__ == "__main__":
