@@ -8,6 +8,7 @@ per checkpoint for LLaMA2-7B) and then fail to find them again on resume.
 
 from __future__ import annotations
 
+import functools
 import os
 from types import MethodType
 from typing import Any, Optional
@@ -93,3 +94,17 @@ def adopt_trainer(trainer: Trainer) -> None:
     pickle_without_tokens(trainer.args)  # checkpoints' training_args.bin without the Hub token
     for name in ADOPTED_METHODS:
         setattr(trainer, name, MethodType(getattr(AdapterTrainerMixin, name), trainer))
+    if not getattr(trainer.train, "_lor2c_resolves_resume", False):
+        trainer.train = _resume_from_complete(trainer.train, trainer)
+
+
+def _resume_from_complete(train: Any, trainer: Trainer) -> Any:
+    """`trainer.train` whose `resume_from_checkpoint=True` takes the newest *complete* checkpoint (an incomplete
+    newer one is skipped with a warning), as under `LoR2CTrainer`; `Trainer` itself would pick the newest folder."""
+
+    @functools.wraps(train)
+    def resuming_train(resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return train(resolve_resume(resume_from_checkpoint, trainer.args.output_dir), *args, **kwargs)
+
+    resuming_train._lor2c_resolves_resume = True  # type: ignore[attr-defined]
+    return resuming_train

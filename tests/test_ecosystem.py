@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -321,6 +322,29 @@ def test_road_trains_checkpoints_resumes_exactly_saves_and_reloads(task, road, a
     reloaded = auto.from_pretrained(str(tmp_path / "full_adapter"))
     ids = vocab_ids(model, 3, 8)
     assert torch.equal(eval_logits(reloaded, ids), eval_logits(model, ids))
+
+
+def test_callback_road_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path, cls_setup, caplog):
+    # As under LoR2CTrainer: Trainer alone would take checkpoint-6 (the newest folder) and the callback refuse it.
+    base_dir, data = cls_setup
+    full = cls_trainer("callback", base_dir, data, tmp_path / "full", imlor2c())
+    full.args.max_steps = 7
+    full.train()
+    full.save_model(str(tmp_path / "full_adapter"))
+    run = tmp_path / "run"
+    os.makedirs(run)
+    for name in ("checkpoint-3", "checkpoint-6"):
+        shutil.copytree(tmp_path / "full" / name, run / name)
+    os.remove(run / "checkpoint-6" / MANIFEST_NAME)  # as if the process died while writing checkpoint-6
+    resumed = cls_trainer("callback", base_dir, data, run, imlor2c())
+    resumed.args.max_steps = 7
+    with caplog.at_level("WARNING", logger="lor2c_hf"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+    assert resumed.state.global_step == 7
+    resumed.save_model(str(tmp_path / "resumed_adapter"))
+    assert_same_adapter(tmp_path / "full_adapter", tmp_path / "resumed_adapter")
+    assert checkpoint_problem(str(run / "checkpoint-6")) is None  # rewritten by the resumed run, complete again
 
 
 def test_seq2seq_trainer_composes_with_lor2c_trainer(tmp_path, sft_setup):
