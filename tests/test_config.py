@@ -129,6 +129,15 @@ def test_json_round_trip_through_a_file(tmp_path):
     assert LoR2CConfig.from_pretrained(str(tmp_path)) == config
 
 
+@pytest.mark.parametrize("content, reason", [(b'{"method": "lor2c", "r": 8', "not valid JSON"),
+                                             (b"\xff\xfe{}", "not UTF-8 text"), (b"[1, 2]", "holds a JSON list, not an object")])
+def test_from_pretrained_names_the_file_and_what_is_wrong_with_it(tmp_path, content, reason):
+    (tmp_path / CONFIG_NAME).write_bytes(content)
+    with pytest.raises(ConfigError, match=reason) as failure:
+        LoR2CConfig.from_pretrained(str(tmp_path))
+    assert str(tmp_path / CONFIG_NAME) in str(failure.value)
+
+
 def test_from_dict_rejects_unknown_fields_by_name():
     data = LoR2CConfig().to_dict()
     data["rank"] = 8
