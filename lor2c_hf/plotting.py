@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Union
 
 from .atomic import atomic_write
 from .structure import Structure
@@ -22,6 +23,33 @@ SPAN_COLOR = "#2b6cb0"
 MERGED_COLOR = "#805ad5"
 INJECT_COLOR = "#dd6b20"
 BLOCK_COLOR = "#edf2f7"
+
+
+def check_png_path(path: Any, who: str) -> str:
+    """`path` as a string, or a ValueError naming `who` when it is not a file path ending in '.png'."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).lower().endswith(".png"):
+        raise ValueError(f"{who}(path={path!r}): expected a file path ending in '.png'.")
+    return os.fspath(path)
+
+
+@contextmanager
+def png_figure(path: str, who: str, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """`(fig, axes)` of `plt.subplots(**subplots)` (Agg backend), written to the PNG `path` when the block ends
+    (tight layout, atomically: an interrupted save leaves the previous picture) and closed in any case."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError as err:
+        raise ImportError(f'{who} needs matplotlib: pip install "lor2c-hf[plot]"') from err
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def _as_structure(model_or_structure: Any) -> tuple[Structure, Optional[list[float]]]:
@@ -69,22 +97,14 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
     for a live model, each span's current SFS. Right: the event timeline, one row per event with its step,
     kind, blocks and the SFS scores that decided it. Returns `path`.
     """
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).lower().endswith(".png"):
-        raise ValueError(f"plot_structure(path={path!r}): expected a file path ending in '.png'.")
+    path = check_png_path(path, "plot_structure")
     structure, current = _as_structure(model_or_structure)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError as err:
-        raise ImportError('plot_structure needs matplotlib: pip install "lor2c-hf[plot]"') from err
-
     L, events = structure.num_blocks, structure.events
     height = max(3.5, 0.32 * max(L, len(events)) + 1.6)
-    fig, (ax, timeline) = plt.subplots(1, 2, figsize=(12, height), gridspec_kw={"width_ratios": [1, 1.9]})
-    try:
+    with png_figure(path, "plot_structure", ncols=2, figsize=(12, height),
+                    gridspec_kw={"width_ratios": [1, 1.9]}) as (fig, (ax, timeline)):
+        from matplotlib.patches import Rectangle
+
         for b in range(L):
             injected = b in structure.injected
             ax.add_patch(Rectangle((0, b + 0.08), 1.0, 0.84, facecolor=INJECT_COLOR if injected else BLOCK_COLOR,
@@ -125,11 +145,7 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
             timeline.set_axis_off()
         if title:
             fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-    return os.fspath(path)
+    return path
 
 
 def save_structure_picture(model: Any, folder: str, title: Optional[str] = None) -> Optional[str]:
@@ -153,27 +169,20 @@ def plot_mn_heatmap(scores: dict[tuple[int, int], float], path: str, title: Opti
                     metric: str = "dev accuracy %") -> str:
     """The paper's Fig. 6: the dev metric of every (M merges, N injects) pair of a grid search, as a heatmap
     (rows M, columns N, each cell annotated; pairs not run are left blank, the best is outlined). Returns `path`."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).lower().endswith(".png"):
-        raise ValueError(f"plot_mn_heatmap(path={path!r}): expected a file path ending in '.png'.")
+    path = check_png_path(path, "plot_mn_heatmap")
     if not scores:
         raise ValueError("plot_mn_heatmap(scores={}): expected at least one (M, N) -> score entry.")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import numpy as np
-        from matplotlib import pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError as err:
-        raise ImportError('plot_mn_heatmap needs matplotlib: pip install "lor2c-hf[plot]"') from err
+    import numpy as np
 
     ms, ns = sorted({m for m, _ in scores}), sorted({n for _, n in scores})
     grid = np.full((len(ms), len(ns)), np.nan)
     for (m, n), value in scores.items():
         grid[ms.index(m), ns.index(n)] = value
     best_m, best_n = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.0 * len(ns) + 2.4), max(4.0, 0.8 * len(ms) + 1.8)))
-    try:
+    with png_figure(path, "plot_mn_heatmap", figsize=(max(6.5, 1.0 * len(ns) + 2.4),
+                                                       max(4.0, 0.8 * len(ms) + 1.8))) as (fig, ax):
+        from matplotlib.patches import Rectangle
+
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
         for i, m in enumerate(ms):
             for j, n in enumerate(ns):
@@ -189,10 +198,4 @@ def plot_mn_heatmap(scores: dict[tuple[int, int], float], path: str, title: Opti
         ax.set_ylabel("M (merges)")
         fig.colorbar(image, ax=ax, label=metric)
         ax.set_title(title or f"{metric} per (M, N); best M={best_m}, N={best_n}", fontsize=8)
-        fig.tight_layout()
-        from .serialization import atomic_write
-
-        atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-    return os.fspath(path)
+    return path
