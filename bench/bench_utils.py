@@ -66,12 +66,12 @@ def interleaved_timing(runs: dict[str, Callable[[], object]], warmup: int, repea
     return {n: {"wall": quartiles(wall[n]), "cpu": quartiles(cpu[n]), "n": len(wall[n])} for n in names}
 
 
-def write_json(result: dict, path: str) -> None:
+def write_json(result: dict, path: str, indent: int = 2) -> None:
     """Write `result` to `path` atomically (a partial file never replaces a previous result)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=indent)
         f.write("\n")
     os.replace(tmp, path)
 

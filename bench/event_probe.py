@@ -40,6 +40,7 @@ from transformers import DataCollatorWithPadding, TrainerCallback
 
 import quality
 from lor2c_hf import LoR2CModel
+from lor2c_hf.plotting import png_figure
 
 DEFAULT_VARIANTS = ("imlor2c:paper/paper", "imlor2c:official/official", "imlor2c:paper/official",
                     "imlor2c:official/paper", "fixed:imlor2c:paper/paper", "lor2c")
@@ -194,13 +195,7 @@ def summary_lines(runs: dict[str, dict[str, Any]]) -> list[str]:
 
 def plot_curves(runs: dict[str, dict[str, Any]], path: str, title: str) -> None:
     """Probe-batch loss per variant over the steps (events marked), and ||B|| of each span at the end."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, (loss_ax, norm_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
-    try:
+    with png_figure(path, "plot_curves", ncols=2, figsize=(12, 4.2)) as (fig, (loss_ax, norm_ax)):
         for name, run in runs.items():
             line, = loss_ax.plot([p["step"] for p in run["curve"]], [p["loss"] for p in run["curve"]], label=name)
             for e in run["events"]:
@@ -217,10 +212,6 @@ def plot_curves(runs: dict[str, dict[str, Any]], path: str, title: str) -> None:
         norm_ax.legend(fontsize=7)
         norm_ax.set_ylabel("||B|| of the span's connection at the end")
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 
 import quality
 from lor2c_hf.architectures import find_block_stack
+from lor2c_hf.plotting import png_figure
 
 METHODS = ("lora", "lor2c")
 STRONG_TREND = -0.5  # mean rank correlation of ratio with block index that counts as "grows toward lower blocks"
@@ -119,15 +120,10 @@ def verdict(ratio: dict[tuple[int, int], float], epochs: int, blocks: int) -> di
 
 
 def heatmap(ratio: dict[tuple[int, int], float], epochs: int, blocks: int, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
     from matplotlib.colors import LogNorm
 
     grid = [[ratio[e, b] for e in range(epochs)] for b in range(blocks)]
-    fig, ax = plt.subplots(figsize=(1.0 * epochs + 3, 0.45 * blocks + 1.8))
-    try:
+    with png_figure(path, "heatmap", figsize=(1.0 * epochs + 3, 0.45 * blocks + 1.8)) as (fig, ax):
         image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis",
                           norm=LogNorm(vmin=min(map(min, grid)), vmax=max(map(max, grid))))
         for b in range(blocks):
@@ -140,10 +136,6 @@ def heatmap(ratio: dict[tuple[int, int], float], epochs: int, blocks: int, path:
         ax.set_ylabel("block (0 = lowest)")
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, label="mean |grad| LoR2C / LoRA")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -46,8 +46,10 @@ import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+import bench_utils
 import lor2c_hf
 from lor2c_hf import LoR2CConfig, LoR2CTrainer, get_lor2c_model
+from lor2c_hf.plotting import png_figure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "bench", "results")
@@ -390,16 +392,10 @@ def table(summary: dict[str, dict[str, Any]], unavailable: dict[str, str]) -> st
 
 
 def plot(summary: dict[str, dict[str, Any]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     names = list(summary)
     means = [summary[m]["accuracy_mean"] for m in names]
     stds = [summary[m]["accuracy_std"] or 0.0 for m in names]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
-    try:
+    with png_figure(path, "quality.plot", figsize=(1.6 * len(names) + 2, 4)) as (fig, ax):
         bars = ax.bar(names, means, yerr=stds, capsize=5, color="#2b6cb0")
         if max(map(len, names)) > 11:  # merge-rule variants: imlor2c:official/paper
             ax.tick_params(axis="x", labelrotation=25, labelsize=7)
@@ -410,10 +406,6 @@ def plot(summary: dict[str, dict[str, Any]], path: str, title: str) -> None:
         ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + s for m, s in zip(means, stds)) + 3))
         ax.set_ylabel("dev accuracy % (mean ± std over seeds)")
         ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -467,10 +459,8 @@ def read_json(path: str) -> dict[str, Any]:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    """`payload` to `path` atomically, compactly indented (the runs carry long loss curves)."""
+    bench_utils.write_json(payload, path, indent=1)
 
 
 def budget(hp: HParams) -> str:
