@@ -375,6 +375,7 @@ def search_mn(model_args: ModelArguments, adapter_args: AdapterArguments, traini
     Writes `mn_search.json` and `mn_search.png` in the output folder; returns the best trial's adapter fields."""
     import optuna
     from lor2c_hf import LoR2CTrainer
+    from lor2c_hf.atomic import atomic_write_text
     from lor2c_hf.plotting import plot_mn_heatmap
 
     if adapter_args.method != "imlor2c":
@@ -419,8 +420,7 @@ def search_mn(model_args: ModelArguments, adapter_args: AdapterArguments, traini
         os.makedirs(training_args.output_dir, exist_ok=True)
         report = {"task": task.name, "metric": task.best_metric, "space": space, "epochs_per_trial": args.num_train_epochs,
                   "trials": [trials[k] for k in sorted(trials)], "best": {**chosen, "score": best.objective}}
-        with open(os.path.join(training_args.output_dir, f"{SEARCH_REPORT}.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        atomic_write_text(os.path.join(training_args.output_dir, f"{SEARCH_REPORT}.json"), json.dumps(report, indent=1))
         cells: dict[tuple[int, int], float] = {}
         for t in trials.values():  # the best merge rule of each (M, N) when rules were searched too
             key = (t["num_merges"], t["num_injects"])
