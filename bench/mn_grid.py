@@ -27,6 +27,7 @@ import transformers
 
 import quality
 from lor2c_hf import LoR2CConfig
+from lor2c_hf.config import events_problem
 from lor2c_hf.plotting import plot_mn_heatmap
 
 
@@ -95,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for n in values:
                 if key(m, n) in runs:
                     continue
-                if m + n > blocks or m >= blocks:
+                if events_problem(m, n, blocks):
                     continue  # more events than the blocks allow (LoR2CConfig refuses them)
                 run = quality.run_one("imlor2c", args.seed, dataclasses.replace(hp, num_merges=m, num_injects=n),
                                       model_dir, tokenizer, train_ds, eval_ds, work_dir)

@@ -25,6 +25,18 @@ class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field and what is allowed."""
 
 
+def events_problem(num_merges: int, num_injects: int, num_blocks: int) -> Optional[str]:
+    """Why M merges and N injects cannot be scheduled on a model of `num_blocks` blocks, or None when they can."""
+    L = num_blocks
+    if num_merges > L - 1:
+        return f"LoR2CConfig.num_merges={num_merges} but the model has {L} blocks: at most {L - 1} merges are possible."
+    if num_injects > L:
+        return f"LoR2CConfig.num_injects={num_injects} but the model has {L} blocks: at most {L} injects are possible."
+    if num_merges + num_injects > L:
+        return f"LoR2CConfig.num_merges + num_injects = {num_merges + num_injects} exceeds the {L} blocks of the model."
+    return None
+
+
 def _check(condition: bool, name: str, value: Any, allowed: str, owner: str = "LoR2CConfig") -> None:
     if not condition:
         raise ConfigError(f"{owner}.{name}={value!r} is invalid: expected {allowed}.")

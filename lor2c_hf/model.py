@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .config import ConfigError, LoR2CConfig, check_adapter_config
+from .config import ConfigError, LoR2CConfig, check_adapter_config, events_problem
 from .guards import NonFiniteError
 from .distributed import broadcast_decision, full_numel, gathered
 from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, hidden_input, hidden_output, merge_into_projection, with_hidden_output
@@ -91,12 +91,9 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         c, d, L = self.lor2c_config, self.hidden_size, self.num_blocks
         if c.r > d:
             raise ConfigError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.get_base_model()).__name__}; expected 1 <= r <= {d}.")
-        if c.num_merges > L - 1:
-            raise ConfigError(f"LoR2CConfig.num_merges={c.num_merges} but the model has {L} blocks: at most {L - 1} merges are possible.")
-        if c.num_injects > L:
-            raise ConfigError(f"LoR2CConfig.num_injects={c.num_injects} but the model has {L} blocks: at most {L} injects are possible.")
-        if c.num_merges + c.num_injects > L:
-            raise ConfigError(f"LoR2CConfig.num_merges + num_injects = {c.num_merges + c.num_injects} exceeds the {L} blocks of the model.")
+        problem = events_problem(c.num_merges, c.num_injects, L)
+        if problem:
+            raise ConfigError(problem)
         check_modules_to_save(self.get_base_model(), c.modules_to_save, "LoR2CConfig")
 
     def _check_inject_rank(self, shapes: list[dict[str, tuple[int, int]]]) -> None:

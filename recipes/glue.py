@@ -376,6 +376,7 @@ def search_mn(model_args: ModelArguments, adapter_args: AdapterArguments, traini
     import optuna
     from lor2c_hf import LoR2CTrainer
     from lor2c_hf.atomic import atomic_write_text
+    from lor2c_hf.config import events_problem
     from lor2c_hf.plotting import plot_mn_heatmap
 
     if adapter_args.method != "imlor2c":
@@ -397,9 +398,9 @@ def search_mn(model_args: ModelArguments, adapter_args: AdapterArguments, traini
     def hp_space(trial: Any) -> dict[str, Any]:
         current["trial"] = trial
         values = {name: trial.suggest_categorical(name, choices) for name, choices in space.items()}
-        if values["num_merges"] + values["num_injects"] > blocks or values["num_merges"] > blocks - 1:
-            raise optuna.TrialPruned(f"M={values['num_merges']}, N={values['num_injects']}: more events than the "
-                                     f"{blocks} blocks allow")
+        problem = events_problem(values["num_merges"], values["num_injects"], blocks)
+        if problem:
+            raise optuna.TrialPruned(f"M={values['num_merges']}, N={values['num_injects']}: {problem}")
         return values
 
     def best_epoch(metrics: dict[str, float]) -> float:
