@@ -28,7 +28,7 @@ import transformers
 import quality
 from lor2c_hf import LoR2CConfig
 from lor2c_hf.config import events_problem
-from lor2c_hf.plotting import plot_mn_heatmap
+from lor2c_hf.plotting import best_mn, plot_mn_heatmap
 
 
 # The library's default merge rule (LoR2CConfig's), not quality.py's HParams, which keep the paper's rule that
@@ -107,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  M={m} N={n}: accuracy {100 * run['accuracy']:.2f}%, adapter params {run['adapter_params']:,d}, "
                       f"spans {run['spans']}, injected {run['injected']}, {run['seconds']:.0f}s", flush=True)
     scores = grid_scores(runs)
-    best = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
+    best = best_mn(scores)
     payload["best"] = {"M": best[0], "N": best[1], "accuracy_percent": scores[best]}
     quality.write_json(json_path, payload)
     print(f"best: M={best[0]} N={best[1]} ({scores[best]:.2f}%) of {len(scores)} runs")

@@ -14,7 +14,6 @@ Blocks: `quality_long` (`results/quality_long.json`: the table, mean ± std over
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -22,6 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import quality
 from lor2c_hf import LoR2CConfig
+from lor2c_hf.plotting import best_mn
+from mn_grid import grid_scores as mn_grid_scores
 
 RESULTS = quality.RESULTS_DIR
 BASE_LABELS = {"lora": "PEFT LoRA (q, v)", "lor2c": "LoR2C", "sharelor2c": "ShareLoR2C", "reslora": "ResLoRA (ms, p=4)",
@@ -143,8 +144,8 @@ def quality_quick(first: dict[str, Any], second: dict[str, Any]) -> str:
 
 def mn_grid(payload: dict[str, Any]) -> str:
     """The M x N accuracy grid (the paper's Fig. 6) with its best cell in bold."""
-    grid, scores = payload["grid"], quality_scores(payload)
-    best = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
+    grid, scores = payload["grid"], mn_grid_scores(payload["runs"])
+    best = best_mn(scores)
     lines = ["| M \\ N | " + " | ".join(map(str, grid)) + " |", "|---" * (len(grid) + 1) + "|"]
     for m in grid:
         cells = []
@@ -153,10 +154,6 @@ def mn_grid(payload: dict[str, Any]) -> str:
             cells.append("-" if value is None else (f"**{value:.2f}**" if (m, n) == best else f"{value:.2f}"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def quality_scores(payload: dict[str, Any]) -> dict[tuple[int, int], float]:
-    return {(r["M"], r["N"]): 100 * r["accuracy"] for r in payload["runs"].values()}
 
 
 def read(name: str, results: str) -> dict[str, Any]:

@@ -165,6 +165,11 @@ def save_structure_picture(model: Any, folder: str, title: Optional[str] = None)
     return plot_structure(model, os.path.join(folder, STRUCTURE_PICTURE), title=title)
 
 
+def best_mn(scores: dict[tuple[int, int], float]) -> tuple[int, int]:
+    """The (M, N) with the highest score; ties go to fewer merges, then fewer injects (the smaller search result)."""
+    return max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
+
+
 def plot_mn_heatmap(scores: dict[tuple[int, int], float], path: str, title: Optional[str] = None,
                     metric: str = "dev accuracy %") -> str:
     """The paper's Fig. 6: the dev metric of every (M merges, N injects) pair of a grid search, as a heatmap
@@ -178,7 +183,7 @@ def plot_mn_heatmap(scores: dict[tuple[int, int], float], path: str, title: Opti
     grid = np.full((len(ms), len(ns)), np.nan)
     for (m, n), value in scores.items():
         grid[ms.index(m), ns.index(n)] = value
-    best_m, best_n = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
+    best_m, best_n = best_mn(scores)
     with png_figure(path, "plot_mn_heatmap", figsize=(max(6.5, 1.0 * len(ns) + 2.4),
                                                        max(4.0, 0.8 * len(ms) + 1.8))) as (fig, ax):
         from matplotlib.patches import Rectangle
