@@ -5,12 +5,10 @@ from .model import Connection, LoR2CModel, get_lor2c_model
 from .serialization import AdapterLoadError, load_adapter_model
 from .reslora_config import RES_FLAGS, ResLoRAConfig
 from .reslora import ResLoRAModel, get_reslora_model
-from .callback import LoR2CCallback
 from .sfs import sfs_scores
 from .guards import NonFiniteError
-from .checkpoint_io import CheckpointError
 from .plotting import plot_structure  # matplotlib is imported only when a plot is drawn
-from .trainer import LoR2CTrainer
+from .training import CheckpointError, LoR2CCallback, LoR2CTrainer
 from .auto import (AutoLoR2CModel, AutoLoR2CModelForCausalLM, AutoLoR2CModelForQuestionAnswering,
                    AutoLoR2CModelForSeq2SeqLM, AutoLoR2CModelForSequenceClassification,
                    AutoLoR2CModelForTokenClassification)

@@ -8,6 +8,7 @@ projections. Merges and injects change only which slots those hooks read (see `l
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from functools import partial
 from typing import Any, Optional, Union
@@ -43,6 +44,8 @@ class Connection:
 
 class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     """Wraps a `transformers` model; `forward`, `generate` and every other attribute go to the base model."""
+
+    adapter_modules = ("lor2c", "lor2c_injected")
 
     def __init__(self, model: nn.Module, config: LoR2CConfig) -> None:
         super().__init__()
@@ -159,10 +162,28 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         return structure
 
     def set_structure(self, structure: Union[Structure, dict[str, Any]]) -> None:
-        structure = self.parse_structure(structure)
-        self._structure = structure
+        self._set_adapter_extra(self.parse_structure(structure))
+
+    def _adapter_extra(self) -> Structure:
+        return self._structure
+
+    def _set_adapter_extra(self, extra: Structure) -> None:
+        self._structure = extra
         self._stash.clear()
         self._rebuild_plan()
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The structure in `state_dict()` (key `_extra_state`, JSON as uint8), so whatever saves and loads the
+        model's state dict carries it: DeepSpeed's own checkpoints resume with their structure through it."""
+        return torch.tensor(list(json.dumps(self.structure).encode("utf-8")), dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        """`load_state_dict` calls this before it loads any adapter weight (the root loads first)."""
+        try:
+            data = json.loads(bytes(state.tolist()).decode("utf-8")) if isinstance(state, torch.Tensor) else state
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StructureError(f"The state dict's LoR2C structure (_extra_state) is unreadable: {e}.") from None
+        self.set_structure(data)
 
     @property
     def connections(self) -> list[Connection]:

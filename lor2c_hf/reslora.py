@@ -70,6 +70,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     """Wraps a `transformers` model; `forward`, `generate` and every other attribute go to the base model."""
 
     adapter_prefixes = ("reslora.",)
+    adapter_modules = ("reslora",)
     adapter_methods = ("reslora",)
     config_class = ResLoRAConfig
     matching_fields = ("r", "lora_alpha", "res_flag", "pre_num", "target_modules")
@@ -91,9 +92,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         check_modules_to_save(model, config.modules_to_save, "ResLoRAConfig")
         device, dtype = adapter_placement(model)
         self.reslora = ResLoRAAdapters(shapes, config.r, config.lora_alpha, config.lora_dropout, device=device, dtype=dtype)
-        self._layers: list[list[LoraLayer]] = [
-            [self.reslora.layers_of(b)[n] for n in self.target_names] for b in range(self.num_blocks)
-        ]
+        self._set_adapter_extra(None)  # self._layers: per block, its LoRA layers in target order
         self._freeze_base()
         self._active: Optional[dict] = None  # stash of the forward pass being run or differentiated
         self._merged_into_base = False
@@ -151,6 +150,11 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def _release(self, stash: dict, grad: torch.Tensor) -> None:
         if self._active is stash:
             self._active = None
+
+    def _set_adapter_extra(self, extra: Any) -> None:
+        self._layers: list[list[LoraLayer]] = [
+            [self.reslora.layers_of(b)[n] for n in self.target_names] for b in range(self.num_blocks)
+        ]
 
     def _projection_hook(self, block: int, target: int, module, args, output):
         if not self._adapter_enabled:

@@ -276,9 +276,22 @@ class AdapterIOMixin:
         atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=metadata))
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.adapter_config.to_json_string())
 
-    def load_adapter(self, path_or_repo_id: str, **hub_kwargs: Any) -> None:
-        """Restore weights and structure from a saved adapter onto this model (checked first, then applied)."""
+    def load_adapter(self, path_or_repo_id: str, adapter_name: str = "default", is_trainable: bool = True,
+                     **hub_kwargs: Any) -> None:
+        """Restore weights and structure from a saved adapter onto this model (checked first, then applied).
+
+        PEFT's signature, which `Trainer` calls to resume and to reload the best checkpoint: the adapter loads into
+        the trained adapter ("default"); its parameters keep their trainable flags. A `Trainer` checkpoint that is
+        not complete (no valid manifest) is refused.
+        """
         self._refuse_if_merged("load an adapter")
+        if adapter_name != "default":
+            raise ValueError(f"load_adapter(..., adapter_name={adapter_name!r}): {type(self).__name__} loads into its "
+                             "trained adapter ('default'); a frozen copy of it is made with add_adapter(name, config).")
+        if os.path.isdir(path_or_repo_id):
+            from .training.checkpoints import refuse_incomplete  # the training package imports this module
+
+            refuse_incomplete(path_or_repo_id)
         config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
         saved = read_adapter_config(config_file, type(self), path_or_repo_id)
         tensors, structure, signature = read_adapter(weights_file)

@@ -4,15 +4,21 @@ replacing its forward, freezes it except the task heads, and forwards everything
 Adapters are added by forward hooks, so the base model's `state_dict` keys, `generate()` with KV cache and
 gradient checkpointing are the base model's own.
 
-Names follow the conventions that other code reads: `get_base_model()` is the wrapped model (PEFT's meaning),
-`.base_model` is that model's backbone (transformers' meaning, which TRL's fused LM head calls), the wrapped model
-is the submodule `model` (PEFT's tuners name it so; every dotted name resolves by `getattr`), and the class of
-each wrapper carries the wrapped class's `forward` signature, so `Trainer` keeps the right dataset columns and
-finds the label names by itself.
+Every adapter model is a `peft.PeftModel` to `isinstance` (none of PEFT's machinery runs): that is how
+`transformers.Trainer`, accelerate and TRL recognise a model that trains an adapter, so on every road they save
+checkpoints with the model's own `save_pretrained`, resume and reload the best model with its `load_adapter`,
+let DeepSpeed load its module state non-strictly, and (DPO, GRPO) take a frozen copy of the adapter as the
+reference instead of loading a second base model.
+
+Names follow PEFT's conventions: `get_base_model()` and `base_model.model` are the wrapped model, the wrapped
+model is the submodule `model` (every dotted name resolves by `getattr`), `peft_config`, `active_adapter(s)`,
+`add_adapter`/`set_adapter` (frozen copies only), `disable_adapter()`. The class of each wrapper carries the
+wrapped class's `forward` signature, so `Trainer` keeps the right dataset columns and finds the label names.
 """
 
 from __future__ import annotations
 
+import copy
 import copyreg
 import functools
 import inspect
@@ -21,6 +27,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+
+from peft import PeftModel
 
 from .config import ConfigError
 from .distributed import full_numel
@@ -63,12 +71,20 @@ def _new_unspecialized(cls: type, *args: Any) -> Any:
     return cls.__new__(cls, *args)
 
 
-class AdapterModelMixin:
+class AdapterModelMixin(PeftModel):
     """`forward`, `generate` and every unknown attribute go to the wrapped model (`get_base_model()`).
 
-    A subclass calls `self._wrap(model)` first, exposes its config as `adapter_config`, counts its own active
-    adapter parameters in `num_adapter_parameters()` and checks `self._adapter_enabled` in its hooks.
+    A subclass calls `self._wrap(model)` first, exposes its config as `adapter_config`, names the modules that
+    hold one adapter's weights in `adapter_modules`, counts its own active adapter parameters in
+    `num_adapter_parameters()` and checks `self._adapter_enabled` in its hooks.
     """
+
+    adapter_modules: tuple[str, ...] = ()  # attributes holding one adapter's weights (swapped by `set_adapter`)
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)  # PeftModel is the type other libraries test for; its own set-up does not apply
+        self._frozen_adapters: dict[str, dict[str, Any]] = {}
+        self._live_adapter: Optional[dict[str, Any]] = None  # the trained adapter, while a frozen one is active
 
     # Trainable adapters are attached: lets `Trainer` fine-tune a quantized (4/8-bit) base, as it does for PEFT.
     _hf_peft_config_loaded = True
@@ -108,7 +124,7 @@ class AdapterModelMixin:
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)  # not PeftModel's, which reads its own `base_model`
         except AttributeError:
             if name in ("model", "base_model") or "model" not in self.__dict__.get("_modules", {}):
                 raise
@@ -120,19 +136,91 @@ class AdapterModelMixin:
 
     @property
     def base_model(self) -> nn.Module:
-        """The wrapped model's backbone, transformers' meaning of the name (e.g. `LlamaModel` in a
-        `LlamaForCausalLM`); its blocks carry the adapter, so calling it directly still adapts."""
-        wrapped = self.get_base_model()
-        return getattr(wrapped, "base_model", wrapped)
+        """PEFT's meaning: the tuner, whose `.model` is the wrapped model and whose call adapts it (this model)."""
+        return self
 
     @property
     def peft_config(self) -> dict[str, Any]:
-        """PEFT's layout: adapter name -> config."""
-        return {self.active_adapter: self.adapter_config}
+        """PEFT's layout: adapter name -> config; the trained adapter is "default", frozen copies follow."""
+        return {"default": self.adapter_config, **{n: f["config"] for n, f in self._frozen_adapters.items()}}
 
     @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        return set(self.adapter_config.modules_to_save or []) or None
+
+    @property
+    def active_peft_config(self) -> Any:
+        return self.peft_config[self.active_adapter]
+
+    # --- frozen copies (the reference policy of DPO / GRPO) ----------------------------------------------
+
+    def _adapter_extra(self) -> Any:
+        """What besides `adapter_modules` one adapter holds (LoR2C: its structure); None when nothing."""
+        return None
+
+    def _set_adapter_extra(self, extra: Any) -> None:
+        """Install `extra` (from `_adapter_extra`) and re-point the hooks at the current `adapter_modules`."""
+
+    def _capture_adapter(self) -> dict[str, Any]:
+        return {"modules": {n: self._modules[n] for n in self.adapter_modules if n in self._modules},
+                "extra": self._adapter_extra()}
+
+    def _install_adapter(self, adapter: dict[str, Any]) -> None:
+        for name, module in adapter["modules"].items():
+            self._modules[name] = module
+        self._set_adapter_extra(adapter["extra"])
+
+    def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False) -> None:
+        """Add a frozen copy of the trained adapter, as it is now, under `adapter_name`.
+
+        TRL's DPO and GRPO trainers call `add_adapter("ref", model.peft_config["default"])` on a PEFT model and
+        use it (through `set_adapter`) as the reference policy: the copy costs one adapter's memory, not a second
+        base model. For a new adapter it computes the base model's function; for an adapter trained before (SFT,
+        then DPO) it is that trained adapter, frozen. Only the trained adapter ("default") is ever trained or saved.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"add_adapter({adapter_name!r}): an adapter of that name exists ({sorted(self.peft_config)}).")
+        if peft_config is not self.adapter_config and peft_config != self.adapter_config:
+            raise ValueError(f"add_adapter({adapter_name!r}, ...): {type(self).__name__} adds only frozen copies of its own "
+                             f"adapter (peft_config=model.peft_config['default']); got a {type(peft_config).__name__} "
+                             "with other settings.")
+        if self.active_adapter != "default":
+            raise RuntimeError(f"add_adapter({adapter_name!r}) while the frozen adapter {self.active_adapter!r} is active.")
+        if self.adapter_config.modules_to_save:
+            raise ValueError(f"add_adapter({adapter_name!r}): the adapter trains modules_to_save "
+                             f"{self.adapter_config.modules_to_save}, which a frozen copy cannot hold apart from the "
+                             "trained ones; pass an explicit ref_model to the trainer.")
+        params = [p for n in self.adapter_modules if n in self._modules for p in self._modules[n].parameters()]
+        if any(hasattr(p, "ds_id") for p in params):
+            raise RuntimeError(f"add_adapter({adapter_name!r}) under DeepSpeed ZeRO-3: the adapter's weights are "
+                               "partitioned across ranks, so no frozen copy can be taken; pass ref_model, or set "
+                               "precompute_ref_log_probs=True in the DPO config.")
+        live = self._capture_adapter()
+        frozen = {"modules": {n: copy.deepcopy(m).requires_grad_(False) for n, m in live["modules"].items()},
+                  "extra": copy.deepcopy(live["extra"])}
+        self._frozen_adapters[adapter_name] = {"config": copy.deepcopy(self.adapter_config), "adapter": frozen}
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter: "default" (the trained one) or a frozen copy (`add_adapter`)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"set_adapter({adapter_name!r}): no such adapter; this model has {sorted(self.peft_config)}.")
+        if adapter_name == self.active_adapter:
+            return
+        if self._live_adapter is None:
+            self._live_adapter = self._capture_adapter()
+        if adapter_name == "default":
+            adapter, self._live_adapter = self._live_adapter, None
+        else:
+            adapter = self._frozen_adapters[adapter_name]["adapter"]
+            device = next(p.device for m in self._live_adapter["modules"].values() for p in m.parameters())
+            for module in adapter["modules"].values():
+                module.to(device)  # the copy was taken before Trainer moved the model
+        self._install_adapter(adapter)
+        self.active_adapter = adapter_name
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -179,3 +267,15 @@ class AdapterModelMixin:
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def unwrap_adapter(model: Any) -> Any:
+    """The adapter model (`LoR2CModel` or `ResLoRAModel`) inside a DDP / DeepSpeed / compiled wrapper."""
+    seen = model
+    while not isinstance(seen, AdapterModelMixin):
+        inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"Expected a LoR2CModel or ResLoRAModel; got {type(model).__name__}. "
+                            "Wrap it with get_lor2c_model() or get_reslora_model().")
+        seen = inner
+    return seen

@@ -180,7 +180,7 @@ class RecipeArgumentParser(HfArgumentParser):
 
 def draw_structure(model: torch.nn.Module, output_dir: str, title: str) -> Optional[str]:
     """`lor2c_hf.plotting.save_structure_picture` for the adapter inside a Trainer's (possibly wrapped) model."""
-    from lor2c_hf.callback import unwrap_adapter
+    from lor2c_hf.wrapper import unwrap_adapter
     from lor2c_hf.plotting import save_structure_picture
 
     try:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lor2c_hf.serialization as serialization  # noqa: E402
 from lor2c_hf import LoR2CConfig, LoR2CTrainer  # noqa: E402
-from lor2c_hf.checkpoint_io import last_complete_checkpoint  # noqa: E402
+from lor2c_hf.training.checkpoints import last_complete_checkpoint  # noqa: E402
 from test_trainer import cls_data, training_args  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402

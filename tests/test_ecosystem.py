@@ -23,6 +23,8 @@ import numpy as np
 import peft
 import pytest
 import torch
+from peft import PeftModel
+from transformers.trainer_utils import _is_peft_model
 import transformers as tf
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,7 +32,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 from transformers.utils import find_labels
 from trl import SFTConfig, SFTTrainer
 
-from lor2c_hf.checkpoint_io import MANIFEST_NAME, CheckpointError, checkpoint_problem
+from lor2c_hf.training.checkpoints import MANIFEST_NAME, CheckpointError, checkpoint_problem
 from lor2c_hf import (AdapterLoadError, AutoLoR2CModelForCausalLM, AutoLoR2CModelForSequenceClassification,
                       LoR2CCallback, LoR2CConfig, LoR2CModel, LoR2CTrainer, ResLoRAConfig, get_lor2c_model,
                       get_reslora_model)
@@ -132,7 +134,9 @@ def test_state_dict_holds_each_tensor_once_and_saves_with_safetensors(name, tmp_
     assert len(pointers) == len(set(pointers)), "two state_dict keys share memory"
     base_keys = {k for k in state if k.startswith("model.")}
     assert base_keys == {f"model.{k}" for k in reference.state_dict()}
-    assert all(k.startswith(("model.", "lor2c", "reslora")) for k in state)
+    assert all(k.startswith(("model.", "lor2c", "reslora")) for k in state if k != "_extra_state")
+    if not name.startswith("reslora"):  # LoR2C's structure rides in the state dict (DeepSpeed's checkpoints resume through it)
+        assert bytes(state["_extra_state"].tolist()).decode() == json.dumps(model.structure)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))  # raised before
 
 
@@ -149,15 +153,15 @@ def test_forward_signature_and_label_names_are_the_base_models():
             assert torch.equal(eval_logits(twin, ids), eval_logits(model, ids))
 
 
-def test_base_model_is_the_backbone_and_still_adapted():
+def test_base_model_follows_peft_and_adapts():
+    """`isinstance(model, PeftModel)` holds, so code that reads PEFT's names (`Trainer`'s label smoother:
+    `base_model.model`) must find PEFT's meaning: `base_model` is the tuner, `.model` the wrapped model."""
     model, reference = adapted("imlor2c")
-    assert model.base_model is model.get_base_model().model  # LlamaForCausalLM.model, transformers' meaning
-    assert model.get_base_model() is model.model
+    assert isinstance(model, PeftModel) and _is_peft_model(model)
+    assert model.base_model.model is model.get_base_model() is model.model
     ids = random_ids(2, 9)
-    hidden = model.base_model(input_ids=ids).last_hidden_state
-    full = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-    assert torch.equal(hidden, full)
-    assert not torch.allclose(hidden, reference.base_model(input_ids=ids).last_hidden_state)
+    assert torch.equal(eval_logits(model.base_model, ids), eval_logits(model, ids))
+    assert not torch.allclose(eval_logits(model, ids), eval_logits(reference, ids))
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
@@ -325,7 +329,7 @@ def test_road_trains_checkpoints_resumes_exactly_saves_and_reloads(task, road, a
 
 
 def test_callback_road_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path, cls_setup, caplog):
-    # As under LoR2CTrainer: Trainer alone would take checkpoint-6 (the newest folder) and the callback refuse it.
+    # Trainer alone would take checkpoint-6 (the newest folder); the callback sets it aside when the trainer is made.
     base_dir, data = cls_setup
     full = cls_trainer("callback", base_dir, data, tmp_path / "full", imlor2c())
     full.args.max_steps = 7
@@ -336,11 +340,12 @@ def test_callback_road_resume_true_skips_an_incomplete_newest_checkpoint(tmp_pat
     for name in ("checkpoint-3", "checkpoint-6"):
         shutil.copytree(tmp_path / "full" / name, run / name)
     os.remove(run / "checkpoint-6" / MANIFEST_NAME)  # as if the process died while writing checkpoint-6
-    resumed = cls_trainer("callback", base_dir, data, run, imlor2c())
-    resumed.args.max_steps = 7
     with caplog.at_level("WARNING", logger="lor2c_hf"):
-        resumed.train(resume_from_checkpoint=True)
-    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+        resumed = cls_trainer("callback", base_dir, data, run, imlor2c())  # on_init_end sets checkpoint-6 aside
+    assert "set aside as" in caplog.text and "incomplete-checkpoint-6" in caplog.text
+    assert (run / "incomplete-checkpoint-6" / "adapter_model.safetensors").is_file()  # kept for inspection
+    resumed.args.max_steps = 7
+    resumed.train(resume_from_checkpoint=True)  # Trainer's own choice: the newest checkpoint left, checkpoint-3
     assert resumed.state.global_step == 7
     resumed.save_model(str(tmp_path / "resumed_adapter"))
     assert_same_adapter(tmp_path / "full_adapter", tmp_path / "resumed_adapter")
@@ -369,7 +374,7 @@ def test_lor2c_callback_passed_to_lor2c_trainer_is_the_only_one(tmp_path, cls_se
                            args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True), train_dataset=data,
                            callbacks=[callback], lor2c_config=imlor2c())
     assert [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoR2CCallback)] == [callback]
-    assert callback.trainer is trainer
+    assert trainer.lor2c_callback is callback
 
 
 def test_callback_on_a_model_without_adapter_is_refused_at_init_with_the_patterns(tmp_path, cls_setup):
@@ -426,13 +431,13 @@ def test_run_glue_pattern_with_the_one_line_swap(tmp_path):
 
 
 def test_events_under_fsdp_are_refused_before_the_first_step(tmp_path, cls_setup):
-    # FSDP needs several processes (and a GPU in Trainer); the refusal reads only the trainer's own flag, which
-    # Trainer sets at init, so the callback's train-begin hook is called here as Trainer calls it.
+    # FSDP needs several processes (and a GPU in Trainer); the refusal reads only the arguments (`fsdp`, or
+    # accelerate's FSDP launch), so the callback's train-begin hook is called here as Trainer calls it.
     base_dir, data = cls_setup
     for config, refused in ((imlor2c(), True), (LoR2CConfig(r=4), False)):
         trainer = cls_trainer("callback", base_dir, data, tmp_path, config)
         callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoR2CCallback))
-        trainer.is_fsdp_enabled = True
+        trainer.args.fsdp = ["full_shard"]  # as TrainingArguments(fsdp="full_shard") holds it
         if refused:
             with pytest.raises(ValueError, match="method='imlor2c' merges/injects .* which FSDP shards"):
                 callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lor2c_hf.checkpoint_io import MANIFEST_NAME, checkpoint_problem
+from lor2c_hf.training.checkpoints import MANIFEST_NAME, checkpoint_problem
 from resilience_worker import run
 from tiny_pretrained import offline_env
 

@@ -1,10 +1,11 @@
-"""Trainer checkpoints that are never resumed half-written, and training arguments that never carry a token.
+"""Checkpoint files: a manifest that says a checkpoint is complete, and training arguments without a token.
 
 `Trainer` writes `checkpoint-N` in place, file by file; a process killed mid-save leaves a folder that looks
-like a checkpoint. `CheckpointIOMixin` writes a manifest (`lor2c_checkpoint.json`: each file's size and
-sha256) atomically once every file of a checkpoint is written, and only then rotates old checkpoints away.
-Resuming accepts only a checkpoint whose manifest holds: `resume_from_checkpoint=True` skips incomplete ones
-with a warning, an explicit path to one is refused with the reason.
+like a checkpoint. Once every file of a checkpoint is written, `LoR2CCallback.on_save` records each file's size
+and sha256 in a manifest (`lor2c_checkpoint.json`, written atomically), and only then rotates old checkpoints
+away. A checkpoint without a valid manifest is incomplete: when the next trainer is made, such a folder is set
+aside (renamed `incomplete-checkpoint-N`), so `resume_from_checkpoint=True` takes the newest complete one; an
+explicit path to one is refused by `load_adapter` with the reason.
 
 `training_args.bin` is a pickle of `TrainingArguments`; `Trainer` writes it into every checkpoint and into the
 folder `push_to_hub` uploads, Hub token included. The mixin makes the arguments pickle with `*_token` fields
@@ -21,12 +22,13 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Any, Optional
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .atomic import atomic_write_text
+TRAINER_STATE_NAME = "trainer_state.json"  # what `Trainer` writes into every checkpoint
+
+from ..atomic import atomic_write_text
 
 logger = logging.getLogger("lor2c_hf")
 MANIFEST_NAME = "lor2c_checkpoint.json"
@@ -108,34 +110,47 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     return None
 
 
-def resolve_resume(resume_from_checkpoint: Any, output_dir: str) -> Any:
-    """What `Trainer.train` should resume from: True -> the last complete checkpoint; a path -> itself, if complete."""
-    if resume_from_checkpoint is True:
-        found = last_complete_checkpoint(output_dir)
-        if found is None:
-            raise CheckpointError(f"resume_from_checkpoint=True: no complete checkpoint in {output_dir} "
-                                  f"(expected a {PREFIX_CHECKPOINT_DIR}-N folder with a valid {MANIFEST_NAME}).")
-        return found
-    if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-        problem = checkpoint_problem(os.fspath(resume_from_checkpoint))
+INCOMPLETE_PREFIX = "incomplete-"
+
+
+def is_trainer_checkpoint(folder: str) -> bool:
+    """A `checkpoint-N` folder that `Trainer` wrote (it holds the trainer state), not a saved adapter."""
+    return bool(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(folder)))) and \
+        os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME))
+
+
+def set_aside_incomplete(output_dir: str) -> list[str]:
+    """Rename every incomplete `checkpoint-N` in `output_dir` to `incomplete-checkpoint-N`, so that `Trainer`
+    (`resume_from_checkpoint=True`, rotation) sees only complete checkpoints; returns the new paths."""
+    moved = []
+    for folder in checkpoints_newest_first(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            continue
+        target = os.path.join(output_dir, INCOMPLETE_PREFIX + os.path.basename(folder))
+        suffix = 1
+        while os.path.exists(target):
+            target, suffix = os.path.join(output_dir, f"{INCOMPLETE_PREFIX}{os.path.basename(folder)}.{suffix}"), suffix + 1
+        os.replace(folder, target)
+        logger.warning("[LoR2C] %s is incomplete (%s); set aside as %s, so resuming takes the newest complete checkpoint.",
+                       folder, problem, target)
+        moved.append(target)
+    return moved
+
+
+def refuse_incomplete(folder: str) -> None:
+    """Raise `CheckpointError` when `folder` is a `Trainer` checkpoint that is not complete."""
+    if is_trainer_checkpoint(folder):
+        problem = checkpoint_problem(folder)
         if problem is not None:
-            raise CheckpointError(f"resume_from_checkpoint={os.fspath(resume_from_checkpoint)!r} cannot be resumed: "
-                                  f"{problem}. Resume from an earlier checkpoint, or pass resume_from_checkpoint=True to "
-                                  "take the last complete one.")
-    return resume_from_checkpoint
-
-
-def prepare_folder(folder: str) -> None:
-    """Before a checkpoint is (re)written: an incomplete leftover goes, a complete one loses its manifest first."""
-    if not os.path.isdir(folder):
-        return
-    if checkpoint_problem(folder) is not None:
-        shutil.rmtree(folder)
-    else:
-        os.remove(os.path.join(folder, MANIFEST_NAME))
+            raise CheckpointError(f"{folder} cannot be resumed: {problem}. Resume from an earlier checkpoint, or pass "
+                                  "resume_from_checkpoint=True to take the last complete one. Nothing was loaded.")
 
 
 # --- training arguments without the token ------------------------------------------------------------------
+
+
+HELD_LIMIT = "_lor2c_save_total_limit"
 
 
 def _token_fields(state: dict[str, Any]) -> list[str]:
@@ -150,6 +165,8 @@ def _token_free_class(cls: type) -> type:
         state = dict(self.__dict__)
         for key in _token_fields(state):
             state[key] = None
+        if HELD_LIMIT in state:  # the user's save_total_limit, held by LoR2CCallback while it rotates
+            state["save_total_limit"] = state.pop(HELD_LIMIT)
         return copyreg._reconstructor, (cls, object, None), state  # what pickle itself uses for plain classes
 
     def __copy__(self):
@@ -172,38 +189,3 @@ def pickle_without_tokens(args: Any) -> Any:
     if not getattr(type(args), "_token_free", False):
         args.__class__ = _token_free_class(type(args))
     return args
-
-
-class CheckpointIOMixin:
-    """For a `Trainer` subclass: checkpoints marked complete before old ones rotate away, resumes only from
-    complete ones, and `training_args.bin` without the Hub token."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        pickle_without_tokens(self.args)
-
-    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return super().train(resolve_resume(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """`hub_strategy="checkpoint"` uploads the folder: by now every file is written, so it goes with its manifest."""
-        if self.args.should_save:
-            mark_complete(checkpoint_folder)
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        run_dir = self._get_output_dir(trial=trial)
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save:
-            prepare_folder(folder)
-        self.accelerator.wait_for_everyone()  # no rank writes its part into a folder being cleared
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate only once this one is complete
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()  # every rank's files (ZeRO shards) are in before the manifest
-        if self.args.should_save:
-            mark_complete(folder)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)

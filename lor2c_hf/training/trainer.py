@@ -1,27 +1,29 @@
 """`LoR2CTrainer`: `transformers.Trainer` with a LoR2C adapter; swap the class name, pass `lor2c_config`.
 
-It overrides only what an adapter changes: wrapping the model, installing the schedule callback, and (from
-`AdapterTrainerMixin`) saving and loading the adapter, not the base weights, in checkpoints. It combines with
-any `Trainer` subclass by ordinary multiple inheritance: `class LoR2CSFTTrainer(LoR2CTrainer, SFTTrainer)`.
+It wraps the model and installs `LoR2CCallback`, which gives every guarantee (the same as on the callback
+road); everything else is `Trainer`'s own. It combines with any `Trainer` subclass by ordinary multiple
+inheritance, `class LoR2CDPOTrainer(LoR2CTrainer, DPOTrainer)`: every argument but the model goes to the other
+trainer exactly as given (positions and keywords), so trainers whose second parameter is not `args` work too.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from functools import partial
 from typing import Any, Callable, Optional, Union
 
 import torch
 from transformers import Trainer
 
-from .adapter_trainer import AdapterTrainerMixin, default_find_unused_parameters
+from ..config import LoR2CConfig, check_adapter_config
+from ..model import LoR2CModel, get_lor2c_model
+from ..model_card import write_model_card
+from ..reslora import ResLoRAModel, get_reslora_model
+from ..reslora_config import ResLoRAConfig
+from ..wrapper import unwrap_adapter
 from .callback import LoR2CCallback
-from .checkpoint_io import CheckpointIOMixin
-from .config import LoR2CConfig, check_adapter_config
-from .model import LoR2CModel, get_lor2c_model
-from .reslora import ResLoRAModel, get_reslora_model
-from .reslora_config import ResLoRAConfig
 
 
 def _conflicting_fields(given: Any, actual: Any) -> list[str]:
@@ -35,7 +37,7 @@ def _adapter_fields(config: Optional[Union[LoR2CConfig, ResLoRAConfig]]) -> set[
     return {f.name for f in dataclasses.fields(config if config is not None else LoR2CConfig)}
 
 
-class LoR2CTrainer(AdapterTrainerMixin, CheckpointIOMixin, Trainer):
+class LoR2CTrainer(Trainer):
     """Every `Trainer` argument, plus `lor2c_config` (used to wrap a plain model, or each model `model_init`
     returns; not needed for a `LoR2CModel`) and `stop_on_nonfinite` (default True: stop at the step that makes the
     adapter NaN or Inf).
@@ -43,7 +45,7 @@ class LoR2CTrainer(AdapterTrainerMixin, CheckpointIOMixin, Trainer):
     A `ResLoRAConfig` (or a `ResLoRAModel`) trains ResLoRA the same way; it has no structure events.
     """
 
-    def __init__(self, model: Optional[torch.nn.Module] = None, args: Any = None, *trainer_args: Any,
+    def __init__(self, model: Optional[torch.nn.Module] = None, *trainer_args: Any,
                  lor2c_config: Optional[Union[LoR2CConfig, ResLoRAConfig]] = None, stop_on_nonfinite: bool = True,
                  **trainer_kwargs: Any) -> None:
         if lor2c_config is not None:
@@ -53,8 +55,6 @@ class LoR2CTrainer(AdapterTrainerMixin, CheckpointIOMixin, Trainer):
         if model is None:
             if trainer_kwargs.get("model_init") is None:
                 raise ValueError("LoR2CTrainer needs a model (a transformers model or a LoR2CModel) or a model_init.")
-            if args is not None and args.ddp_find_unused_parameters is None:
-                args.ddp_find_unused_parameters = True  # trials may differ in M and N, so any slot may get no gradient
         elif isinstance(model, (LoR2CModel, ResLoRAModel)):
             conflicts = _conflicting_fields(lor2c_config, model.adapter_config) if lor2c_config is not None else []
             if conflicts:
@@ -64,14 +64,26 @@ class LoR2CTrainer(AdapterTrainerMixin, CheckpointIOMixin, Trainer):
             model = get_reslora_model(model, lor2c_config)
         else:
             model = get_lor2c_model(model, lor2c_config or LoR2CConfig())
-        default_find_unused_parameters(args, model)
-        super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        # One schedule callback: a LoR2CCallback the caller passed in `callbacks` is bound to this trainer.
-        given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LoR2CCallback)]
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        given = [cb for cb in callbacks if isinstance(cb, LoR2CCallback)]
         self.lor2c_callback = given[0] if given else LoR2CCallback(stop_on_nonfinite=stop_on_nonfinite)
-        self.lor2c_callback.trainer = self
         if not given:
-            self.add_callback(self.lor2c_callback)
+            callbacks.append(self.lor2c_callback)
+        super().__init__(model, *trainer_args, callbacks=callbacks, **trainer_kwargs)
+
+    @property
+    def lor2c_model(self) -> Any:
+        """The adapter model being trained (a `LoR2CModel`, or a `ResLoRAModel`)."""
+        return unwrap_adapter(self.model)
+
+    def create_model_card(self, model_name: Optional[str] = None, **_: Any) -> None:
+        """`Trainer.push_to_hub` calls this: write the adapter's card, with the last evaluation's metrics."""
+        if not self.is_world_process_zero():
+            return
+        metrics = {k: v for entry in self.state.log_history for k, v in entry.items() if k.startswith("eval_")}
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or model_name or os.path.basename(self.args.output_dir)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        write_model_card(self.lor2c_model, self.args.output_dir, repo_id, metrics)
 
     def call_model_init(self, trial: Any = None) -> torch.nn.Module:
         """`model_init`'s fresh model, wrapped like `model` would be: with `lor2c_config`, updated by the adapter
@@ -118,15 +130,3 @@ class LoR2CTrainer(AdapterTrainerMixin, CheckpointIOMixin, Trainer):
         """What `Trainer` sets on `TrainingArguments`: the trial's values less the adapter fields."""
         adapter = _adapter_fields(self._init_lor2c_config)
         return {k: v for k, v in hp_space(trial).items() if k not in adapter}
-
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """Under DeepSpeed, save the adapter without first consolidating the whole model on rank 0.
-
-        `Trainer` gathers every weight of a non-PEFT model into one 16-bit state dict before `_save` (13.5 GB
-        for LLaMA2-7B) and `_save` would ignore it: every rank joins the adapter's own gather instead.
-        """
-        if not self.is_deepspeed_enabled:
-            return super().save_model(output_dir, _internal_call)
-        self._save(output_dir or self.args.output_dir)
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
