@@ -137,3 +137,38 @@ def test_zero3_imlor2c_events_match_one_process(tmp_path):
     dormant = [k for k in tensors_two if k.startswith("lor2c_injected.blocks.") and "lora_B" in k and k not in injected]
     assert dormant and all(tensors_two[k].abs().sum() == 0 for k in dormant)
     assert all(torch.isfinite(t).all() for t in tensors_two.values())
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_resume_mid_schedule_restores_the_structure_and_ends_like_the_uninterrupted_run(tmp_path, stage):
+    """DeepSpeed resumes through its own checkpoint (`Trainer` never calls the adapter's `load_adapter` there):
+    the structure rides in the model's `state_dict`, so `checkpoint-4` (after all four events at steps 1 and 2
+    of 6) resumes with it. Before, every event fired again at step 4 and the run ended in another structure."""
+    env = offline_env(str(tmp_path), **deepspeed_env())
+    with open(SAMPLE, encoding="utf-8") as f:
+        texts = [" ".join(json.loads(line).values()) for line in f]
+    model = save_tiny_pretrained(str(tmp_path / "model"), texts + ["below is an instruction that describes a task"], num_layers=6)
+    args = [
+        SCRIPT, "--method", "imlor2c", "--model_name_or_path", model, "--dataset_name", SAMPLE, "--val_set_size", "4",
+        "--global_batch_size", "8", "--per_device_train_batch_size", "4", "--max_steps", "6", "--schedule", "steps",
+        "--train_sampling_strategy", "sequential", "--r", "8", "--lora_alpha", "16", "--lora_dropout", "0",
+        "--inject_r", "4", "--inject_dropout", "0", "--num_merges", "2", "--num_injects", "2",
+        "--learning_rate", "1e-2", "--max_new_tokens", "2", "--eval_strategy", "no", "--save_strategy", "steps",
+        "--save_steps", "2", "--save_total_limit", "2", "--warmup_steps", "0", "--bf16", "false", "--report_to", "none",
+    ]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *ZERO[stage], "--main_process_port", "0"]
+    full = run_cli(args + ["--output_dir", str(tmp_path / "full")], cwd=REPO, env=env, launcher=launcher)
+    assert full.returncode == 0, full.stderr[-4000:]
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    _, saved = read_adapter(str(checkpoint))
+    assert len(saved["events"]) == 4 and any(d.startswith("global_step") for d in os.listdir(checkpoint))
+    resumed = run_cli(args + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", str(checkpoint)],
+                      cwd=REPO, env=env, launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "step 4" not in re.sub(r"schedule.*", "", "\n".join(l for l in resumed.stderr.splitlines() if "[LoR2C]" in l))
+    tensors_full, structure_full = read_adapter(str(tmp_path / "full"))
+    tensors_resumed, structure_resumed = read_adapter(str(tmp_path / "resumed"))
+    assert structure_resumed == structure_full  # same events, recorded once, at the same steps
+    assert tensors_resumed.keys() == tensors_full.keys()
+    for key in tensors_full:
+        torch.testing.assert_close(tensors_resumed[key], tensors_full[key], rtol=0, atol=1e-5, msg=key)
