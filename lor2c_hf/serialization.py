@@ -242,21 +242,26 @@ class AdapterIOMixin:
         """`state_dict` prefixes of what an adapter file holds: the adapter's modules and `modules_to_save`."""
         return self.adapter_prefixes + tuple(f"{HEAD_PREFIX}{m}." for m in self.adapter_config.modules_to_save or [])
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+    def adapter_state_dict(self, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """Every adapter tensor (all allocated slots, so a resumed run is exact) plus `modules_to_save`, under
-        the names of the adapter file."""
+        the names of the adapter file. From `state_dict` when it holds them all (`Trainer` under DeepSpeed ZeRO-3
+        passes the gathered trainable tensors, on the main process only: gathering again would hang)."""
         names = self._adapter_key_prefixes()
+        if state_dict:
+            own = [k for k in self.state_dict(keep_vars=True) if k.startswith(names)]
+            if own and all(k in state_dict for k in own):
+                return {to_file_key(k): state_dict[k].detach().cpu().contiguous().clone() for k in own}
         params = [p for n, p in self.named_parameters() if n.startswith(names)]
         with gathered(params):
             return {to_file_key(k): v.detach().cpu().contiguous().clone()
                     for k, v in self.state_dict().items() if k.startswith(names)}
 
     def save_pretrained(self, save_directory: str, is_main_process: bool = True, allow_nonfinite: bool = False,
-                        **_: Any) -> None:
+                        state_dict: Optional[dict[str, torch.Tensor]] = None, **_: Any) -> None:
         """Write `adapter_model.safetensors` (with the structure and checksums), then `adapter_config.json`,
         each atomically; a NaN or Inf tensor is refused unless `allow_nonfinite` (e.g. to inspect a diverged run)."""
         self._refuse_if_merged("save the adapter")
-        state = self.adapter_state_dict()  # every rank takes part in a ZeRO-3 gather
+        state = self.adapter_state_dict(state_dict)  # without it, every rank takes part in a ZeRO-3 gather
         if not is_main_process:
             return
         if not allow_nonfinite:
