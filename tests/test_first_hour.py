@@ -75,3 +75,20 @@ def test_event_lines_go_to_the_applications_logging_when_it_has_some(monkeypatch
     with caplog.at_level(logging.WARNING, logger="lor2c_hf"):
         logging.getLogger("lor2c_hf").warning("[LoR2C] once")
     assert caplog.messages == ["[LoR2C] once"] and "[LoR2C] once" not in stream.getvalue()
+
+
+def test_model_card_names_how_it_loads_links_nothing_and_shows_the_recorded_metrics():
+    import yaml
+
+    from lor2c_hf import LoR2CConfig, get_lor2c_model
+    from lor2c_hf.model_card import model_card
+    from tiny_models import tiny_model
+
+    model = get_lor2c_model(tiny_model("llama", head="causal"), LoR2CConfig.for_method("imlor2c", num_merges=1, num_injects=1))
+    card = model_card(model, "user/tiny", {"eval_loss": 1.23456, "eval_accuracy": 0.875, "epoch": 3.0})
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "lor2c-hf" and "peft" not in front["tags"] and "imlor2c" in front["tags"]
+    assert "](http" not in card and "github.com" not in card
+    assert "| eval_loss | 1.23456 |" in card and "| eval_accuracy | 0.875 |" in card
+    assert "export_for_transformers" in card and "LoR2CModel.from_pretrained" in card
+    assert "No evaluation was recorded" in model_card(model, "user/tiny", None)
