@@ -6,6 +6,7 @@ block differs from what the committed JSON renders to (edit the JSON's script ru
     python bench/report.py                       # print every block
     python bench/report.py --write README.md bench/README.md    # rewrite the blocks in place
     python bench/report.py --check README.md bench/README.md    # exit 1, naming the blocks that differ
+    python bench/report.py --plots               # redraw quality*.png from the committed JSON
 
 Blocks: `quality_long` (`results/quality_long.json`: the table, mean ± std over seeds, and the verdicts),
 `quality_quick` (`results/quality.json` beside `results/quality_lr2e-3.json`) and `mn_grid` (`results/mn_grid.json`).
@@ -167,6 +168,9 @@ BLOCKS: dict[str, Callable[[str], str]] = {
 }
 
 
+PLOTTED = ("quality", "quality_lr2e-3", "quality_long")  # the JSON files whose PNG `--plots` redraws
+
+
 def pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"<!-- report:{name} -->\n(.*?)\n?<!-- /report:{name} -->", re.S)
 
@@ -194,7 +198,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", nargs="+", metavar="MARKDOWN", help="Rewrite the blocks of these files in place.")
     group.add_argument("--check", nargs="+", metavar="MARKDOWN", help="Exit 1 when a block of these files differs from the JSON.")
+    group.add_argument("--plots", action="store_true", help="Redraw the quality PNGs from their JSON (no training).")
     args = parser.parse_args(argv)
+    if args.plots:
+        for name in PLOTTED:
+            payload = read(name, args.results)
+            path = os.path.join(args.results, f"{name}.png")
+            quality.plot(quality.summarize(payload["runs"], payload["methods"]), path,
+                         quality.plot_title(payload, payload["model"]["name"]), quality.readable_labels(payload))
+            print(f"wrote {path}")
+        return 0
     blocks = render(args.results)
     if not (args.write or args.check):
         for name, body in blocks.items():
