@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Instruction tuning on Alpaca with LoR2C, its variants, or PEFT LoRA (the paper's LLaMA2-7B setup, SPEC §8).
+"""Instruction tuning on Alpaca with LoR2C, its variants, or PEFT LoRA (the paper's LLaMA2-7B setup).
 
     accelerate launch recipes/alpaca.py --method imlor2c
     accelerate launch recipes/alpaca.py --config recipes/configs/alpaca_imlor2c.yaml --num_train_epochs 1
