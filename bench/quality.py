@@ -391,24 +391,79 @@ def table(summary: dict[str, dict[str, Any]], unavailable: dict[str, str]) -> st
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, dict[str, Any]], path: str, title: str) -> None:
-    names = list(summary)
-    means = [summary[m]["accuracy_mean"] for m in names]
-    stds = [summary[m]["accuracy_std"] or 0.0 for m in names]
-    with png_figure(path, "quality.plot", figsize=(1.6 * len(names) + 2, 4)) as (fig, ax):
-        bars = ax.bar(names, means, yerr=stds, capsize=5, color="#2b6cb0")
-        if max(map(len, names)) > 11:  # merge-rule variants: imlor2c:official/paper
-            ax.tick_params(axis="x", labelrotation=25, labelsize=7)
-        for bar, m, top in zip(bars, names, (m + s for m, s in zip(means, stds))):
-            ax.text(bar.get_x() + bar.get_width() / 2, top + 0.3, f"{summary[m]['adapter_params']:,d} params",
-                    ha="center", va="bottom", fontsize=7)
-        low = min(m - s for m, s in zip(means, stds))
-        ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + s for m, s in zip(means, stds)) + 3))
-        ax.set_ylabel("dev accuracy % (mean ± std over seeds)")
-        ax.set_title(title, fontsize=9)
+CHANCE = 50.0  # SST-2 is binary: the accuracy axes start at chance level, not where the bars happen to begin
+PEERS = ("lora", "reslora")  # LoRA-sized baselines, drawn apart from the LoR2C family
+
+
+def plot(summary: dict[str, dict[str, Any]], path: str, title: str,
+         labels: Optional[dict[str, str]] = None) -> None:
+    """Left: accuracy against adapter parameters (log scale, mean ± std over seeds), LoRA-sized peers against
+    the LoR2C family, one point per method at its default merge rule. Right: every row, sorted, as horizontal bars.
+
+    `labels` gives readers' names (bench/report.py's); by default the JSON's own method names."""
+    names = sorted(summary, key=lambda m: summary[m]["accuracy_mean"])
+    label = {m: (labels or {}).get(m, m) for m in names}
+    std = {m: summary[m]["accuracy_std"] or 0.0 for m in names}
+    seeds = sorted({summary[m]["n_seeds"] for m in names})
+    spread = f"mean ± std over {'/'.join(map(str, seeds))} seed(s)"
+    main = [m for m in names if m.partition(":")[0] not in ("mergelor2c", "imlor2c") or "(the default)" in label[m]]
+    height = 4.2 + 0.3 * len(names)
+    with png_figure(path, "quality.plot", nrows=2, figsize=(10.5, height),
+                    gridspec_kw={"height_ratios": [4.2, 0.3 * len(names) + 0.6]}) as (fig, (scatter, bars)):
+        from matplotlib.ticker import FuncFormatter
+
+        for group, color, marker in ((PEERS, "#c05621", "s"), (None, "#2b6cb0", "o")):
+            chosen = [m for m in main if (m.partition(":")[0] in PEERS) == (group is not None)]
+            scatter.errorbar([summary[m]["adapter_params"] for m in chosen], [summary[m]["accuracy_mean"] for m in chosen],
+                             yerr=[std[m] for m in chosen], fmt=marker, color=color, capsize=4,
+                             label="LoRA-sized (LoRA, ResLoRA)" if group else "LoR2C family")
+        for m in main:  # a label below its point when a point of the same size scores higher
+            below = any(summary[o]["adapter_params"] == summary[m]["adapter_params"]
+                        and summary[o]["accuracy_mean"] > summary[m]["accuracy_mean"] for o in main)
+            scatter.annotate(label[m].split(", code's")[0].split(", paper's")[0], (summary[m]["adapter_params"], summary[m]["accuracy_mean"]),
+                             textcoords="offset points", xytext=(7, -11 if below else 4), fontsize=7.5)
+        scatter.set_xscale("log")
+        scatter.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        scatter.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if str(int(v))[0] in "2346" else ""))
+        scatter.tick_params(axis="x", which="both", labelsize=7)
+        scatter.set_xlabel("trainable adapter parameters (log scale)")
+        scatter.set_ylabel(f"dev accuracy %\n({spread})")
+        low = min(summary[m]["accuracy_mean"] - std[m] for m in names)
+        top = max(summary[m]["accuracy_mean"] + std[m] for m in names)
+        scatter.set_ylim(min(CHANCE, low - 2), min(100.0, top + 2))
+        left, right = scatter.get_xlim()
+        scatter.set_xlim(left / 1.1, right * 1.6)  # room for the point labels
+        scatter.legend(fontsize=7, loc="lower right")
+        scatter.set_title("accuracy against parameters (each method at its default merge rule)", fontsize=9)
+
+        y = range(len(names))
+        colors = ["#c05621" if m.partition(":")[0] in PEERS else "#2b6cb0" for m in names]
+        bars.barh(list(y), [summary[m]["accuracy_mean"] - CHANCE for m in names], left=CHANCE,
+                  xerr=[std[m] for m in names], color=colors, capsize=3, height=0.6)
+        bars.set_yticks(list(y), [f"{label[m]} ({summary[m]['adapter_params']:,d})" for m in names], fontsize=7)
+        for i, m in enumerate(names):
+            bars.text(summary[m]["accuracy_mean"] + std[m] + 0.4, i, f"{summary[m]['accuracy_mean']:.1f}", va="center", fontsize=7)
+        bars.set_xlim(min(CHANCE, low - 2), min(100.0, top + 4))
+        bars.set_xlabel(f"dev accuracy % ({spread}); bars start at {CHANCE:.0f}% = chance")
+        bars.set_title("every configuration, sorted (adapter parameters in brackets)", fontsize=9)
+        fig.suptitle(title, fontsize=10)
 
 
 # --- command line ---------------------------------------------------------------------------------------------
+
+
+def plot_title(payload: dict[str, Any], model: str) -> str:
+    hp = HParams(**payload["hyperparameters"])
+    return (f"SST-2 dev accuracy, {model}, {budget(hp)} x batch {hp.batch_size}, lr {hp.learning_rate:g}, "
+            f"{len(payload['seeds'])} seed(s)")
+
+
+def readable_labels(payload: dict[str, Any]) -> dict[str, str]:
+    """bench/report.py's names for the rows (imported here, when drawing: report imports this module)."""
+    import report
+
+    summary = summarize(payload["runs"], payload["methods"])
+    return {m: report.label(m, entry, payload["hyperparameters"]) for m, entry in summary.items()}
 
 
 def machine() -> dict[str, Any]:
@@ -615,8 +670,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("(smoke mode: a few steps on a few rows; these numbers measure nothing)")
     if not args.no_png:
         png = os.path.join(args.output_dir, f"{name}.png")
-        plot(payload["summary"], png, f"SST-2 dev accuracy, {model_label(model_dir)}, {budget(hp)} x batch "
-             f"{hp.batch_size}, lr {hp.learning_rate:g}, {len(payload['seeds'])} seed(s)")
+        plot(payload["summary"], png, plot_title(payload, model_label(model_dir)), readable_labels(payload))
         print(f"wrote {json_path} and {png}")
     else:
         print(f"wrote {json_path}")

@@ -1,13 +1,16 @@
 """The README's quality tables, rendered from the JSON files the benchmarks wrote, so that its numbers are the files'.
 
-Each table sits in README.md and bench/README.md between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; a CI test fails when a
-block differs from what the committed JSON renders to (edit the JSON's script run, never the numbers by hand).
+Each table sits in README.md, docs/benchmarks.md or bench/README.md between `<!-- report:NAME -->` and
+`<!-- /report:NAME -->`; a CI test fails when a block differs from what the committed JSON renders to, or when a
+block is in none of the files (edit the JSON's script run, never the numbers by hand).
 
     python bench/report.py                       # print every block
-    python bench/report.py --write README.md bench/README.md    # rewrite the blocks in place
-    python bench/report.py --check README.md bench/README.md    # exit 1, naming the blocks that differ
+    python bench/report.py --write README.md docs/benchmarks.md bench/README.md    # rewrite the blocks in place
+    python bench/report.py --check README.md docs/benchmarks.md bench/README.md    # exit 1, naming those that differ
+    python bench/report.py --plots               # redraw quality*.png from the committed JSON
 
 Blocks: `quality_long` (`results/quality_long.json`: the table, mean ± std over seeds, and the verdicts),
+`quality_summary` (the README's short table from the same file),
 `quality_quick` (`results/quality.json` beside `results/quality_lr2e-3.json`) and `mn_grid` (`results/mn_grid.json`).
 """
 
@@ -28,7 +31,7 @@ RESULTS = quality.RESULTS_DIR
 BASE_LABELS = {"lora": "PEFT LoRA (q, v)", "lor2c": "LoR2C", "sharelor2c": "ShareLoR2C", "reslora": "ResLoRA (ms, p=4)",
                "imlor2c": "IMLoR2C", "mergelor2c": "MergeLoR2C", "injectlor2c": "InjectLoR2C"}
 DEFAULT_RULE = (LoR2CConfig().merge_criterion, LoR2CConfig().merge_keep)
-RULE_TAGS = {DEFAULT_RULE: "the default", ("official", "official"): "the authors' code", ("paper", "paper"): "the old default"}
+RULE_TAGS = {DEFAULT_RULE: "the default", ("official", "official"): "the authors' code", ("paper", "paper"): "the paper's text"}
 WHOSE = {"paper": "paper's", "official": "code's"}
 # Rows of the long table: the peers, the single-mechanism variants, then IMLoR2C's four merge rules, default first.
 LONG_ORDER = ("lora", "lor2c", "sharelor2c", "reslora", "injectlor2c", "mergelor2c:official/paper", "mergelor2c",
@@ -125,6 +128,20 @@ def quality_long(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_ORDER = ("lora", "reslora", "lor2c", "injectlor2c", "mergelor2c:official/paper", "imlor2c:official/paper", "sharelor2c")
+
+
+def quality_summary(payload: dict[str, Any]) -> str:
+    """The README's short table: each method once, at its default merge rule, from the long benchmark."""
+    hp, summary = payload["hyperparameters"], quality.summarize(payload["runs"], payload["methods"])
+    lines = ["| method | adapter params | x LoRA | SST-2 dev accuracy % (mean ± std, 3 seeds) |", "|---|---|---|---|"]
+    for name in (m for m in SUMMARY_ORDER if m in summary):
+        s = summary[name]
+        text = label(name, s, hp).replace(", code's pair, paper's survivor (the default)", "")
+        lines.append(f"| {text} | {s['adapter_params']:,d} | {s['params_vs_lora']:.2f} | {pm(s)} |")
+    return "\n".join(lines)
+
+
 def quality_quick(first: dict[str, Any], second: dict[str, Any]) -> str:
     """The quick benchmark at two learning rates, one column each, rows in the first file's order."""
     rates = [rate(p["hyperparameters"]["learning_rate"]) for p in (first, second)]
@@ -162,9 +179,13 @@ def read(name: str, results: str) -> dict[str, Any]:
 
 BLOCKS: dict[str, Callable[[str], str]] = {
     "quality_long": lambda results: quality_long(read("quality_long", results)),
+    "quality_summary": lambda results: quality_summary(read("quality_long", results)),
     "quality_quick": lambda results: quality_quick(read("quality", results), read("quality_lr2e-3", results)),
     "mn_grid": lambda results: mn_grid(read("mn_grid", results)),
 }
+
+
+PLOTTED = ("quality", "quality_lr2e-3", "quality_long")  # the JSON files whose PNG `--plots` redraws
 
 
 def pattern(name: str) -> re.Pattern[str]:
@@ -175,17 +196,30 @@ def render(results: str = RESULTS) -> dict[str, str]:
     return {name: make(results) for name, make in BLOCKS.items()}
 
 
-def rewrite(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
-    """`text` with every block replaced, and the names of those that changed; a block without markers is an error."""
-    changed = []
+def rewrite(text: str, blocks: dict[str, str]) -> tuple[str, list[str], list[str]]:
+    """`text` with every block it holds replaced, the names of those that changed, and the names it holds."""
+    changed, found_names = [], []
     for name, body in blocks.items():
         found = pattern(name).search(text)
         if not found:
-            raise quality.BenchError(f"no <!-- report:{name} --> ... <!-- /report:{name} --> block in the README.")
+            continue
+        found_names.append(name)
         if found.group(1) != body:
             changed.append(name)
         text = text[:found.start()] + f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->" + text[found.end():]
-    return text, changed
+    return text, changed, found_names
+
+
+def check_coverage(found: dict[str, list[str]], blocks: dict[str, str]) -> None:
+    """Every file holds at least one block, and every block is in one of the files (none was deleted)."""
+    for path, names in found.items():
+        if not names:
+            raise quality.BenchError(f"{path} holds no <!-- report:NAME --> block (expected some of: "
+                                     f"{', '.join(f'report:{n}' for n in blocks)}).")
+    missing = [n for n in blocks if not any(n in names for names in found.values())]
+    if missing:
+        raise quality.BenchError(f"no <!-- report:{missing[0]} --> ... <!-- /report:{missing[0]} --> block in "
+                                 f"{', '.join(found)}.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -194,17 +228,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", nargs="+", metavar="MARKDOWN", help="Rewrite the blocks of these files in place.")
     group.add_argument("--check", nargs="+", metavar="MARKDOWN", help="Exit 1 when a block of these files differs from the JSON.")
+    group.add_argument("--plots", action="store_true", help="Redraw the quality PNGs from their JSON (no training).")
     args = parser.parse_args(argv)
+    if args.plots:
+        for name in PLOTTED:
+            payload = read(name, args.results)
+            path = os.path.join(args.results, f"{name}.png")
+            quality.plot(quality.summarize(payload["runs"], payload["methods"]), path,
+                         quality.plot_title(payload, payload["model"]["name"]), quality.readable_labels(payload))
+            print(f"wrote {path}")
+        return 0
     blocks = render(args.results)
     if not (args.write or args.check):
         for name, body in blocks.items():
             print(f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->\n")
         return 0
-    status = 0
+    status, found = 0, {}
     for path in args.write or args.check:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        new, changed = rewrite(text, blocks)
+        new, changed, found[path] = rewrite(text, blocks)
         if args.check:
             if changed:
                 print(f"{path}: block(s) {', '.join(changed)} differ from {args.results}; run python bench/report.py "
@@ -218,6 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f.write(new)
         os.replace(tmp, path)
         print(f"{path}: rewrote {', '.join(changed) or 'nothing (already current)'}")
+    check_coverage(found, blocks)
     return status
 
 

@@ -1,5 +1,6 @@
 """lor2c-hf: LoR2C (low-rank residual connections) and its variants for Hugging Face transformers."""
 
+from . import console
 from .config import METHODS, ConfigError, LoR2CConfig
 from .model import Connection, LoR2CModel, get_lor2c_model
 from .serialization import AdapterLoadError, load_adapter_model
@@ -22,3 +23,4 @@ __all__ = [
     "NonFiniteError", "CheckpointError",
 ]
 __version__ = "0.1.0"
+console.install()  # event lines through tqdm.write, on their own line

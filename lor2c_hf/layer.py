@@ -13,6 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# The block-output helpers live in the standalone serving code (an exported folder ships that file).
+from .modeling_lor2c import hidden_input, hidden_output, with_hidden_output  # noqa: F401  (re-exported)
+
 
 def _kaiming_(weight: torch.Tensor) -> None:
     # The init PEFT (and nn.Linear) use for LoRA's A.
@@ -165,28 +168,3 @@ def _key(module_name: str) -> str:
 
 def _name(key: str) -> str:
     return key.replace("__", ".")
-
-
-def hidden_output(output) -> torch.Tensor:
-    """A block's hidden-state output (the first element when the block returns a tuple)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"Cannot add a residual to a block output of type {type(output).__name__}.")
-
-
-def with_hidden_output(output, hidden: torch.Tensor):
-    """`output` with its hidden state replaced by `hidden` (same container type)."""
-    return hidden if isinstance(output, torch.Tensor) else type(output)((hidden, *output[1:]))
-
-
-def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden state a block was called with (first positional argument, or `hidden_states=`)."""
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    for name in ("hidden_states", "x", "hidden_state"):
-        if isinstance(kwargs.get(name), torch.Tensor):
-            return kwargs[name]
-    raise TypeError("Cannot find the hidden-state input of a block: expected a tensor as first argument or hidden_states=.")
-

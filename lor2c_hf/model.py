@@ -274,25 +274,40 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
             total += sum(full_numel(p) for p in self.lor2c_injected.blocks[block].parameters())
         return total
 
-    def merge_and_unload(self) -> "LoR2CModel":
-        """Fold the injected LoRA of InjectLoR2C/IMLoR2C into its q/v weights for inference and drop its hooks.
+    def merge_and_unload(self) -> nn.Module:
+        """The trained model as a plain transformers model, as PEFT's `merge_and_unload` gives one.
 
-        LoR2C spans add to hidden states across blocks, so no weight can absorb them: they stay as hooks, and
-        what comes back is this model with only its spans left. Save the adapter before calling this.
+        Injected LoRA is folded into its q/v weights; the connections, which no weight can absorb, stay as a
+        submodule of the base, whose class becomes the serving class of `modeling_lor2c.py` (a subclass of the
+        base's own class). Its `save_pretrained` writes a folder that `AutoModelFor...from_pretrained(folder,
+        trust_remote_code=True)` loads without lor2c_hf. NaN or Inf weights are refused before anything changes.
+        The base is changed in place; save the adapter first, or use `export_for_transformers`.
         """
-        if not self._merged_into_base:
-            for block in self._structure.injected:
-                for name, layer in self.lor2c_injected.layers_of(block).items():
-                    merge_into_projection(self._targets[block][name], layer.delta_weight().detach())
-            self._merged_into_base = bool(self._structure.injected)
-            self._rebuild_plan()
-        return self
+        from .export import merge_and_unload
 
-    def unload(self) -> nn.Module:
-        """Remove every hook and return the untouched base model (the adapter is discarded)."""
+        return merge_and_unload(self)
+
+    def export_for_transformers(self, save_directory: str, tokenizer: Optional[Any] = None, **save_kwargs: Any) -> str:
+        """Write a model folder (weights, config, `modeling_lor2c.py`, and `tokenizer` if given) that runs with plain
+        transformers and `trust_remote_code=True`, with the same outputs as this model; this model is unchanged."""
+        from .export import export_for_transformers
+
+        return export_for_transformers(self, save_directory, tokenizer, **save_kwargs)
+
+    def remove_hooks(self) -> None:
+        """Take this adapter's hooks off the base (the base then computes its bare function)."""
         for handle in self._block_hooks + self._inject_hooks:
             handle.remove()
         self._block_hooks, self._inject_hooks = [], []
+
+    def unload(self) -> nn.Module:
+        """Remove the adapter and return the untouched base model, also after `merge_and_unload()` (whose q/v folds
+        are undone exactly from the weights it kept); the adapter is discarded."""
+        if self._merged_into_base:
+            from .export import unload_merged
+
+            return unload_merged(self)
+        self.remove_hooks()
         return self.get_base_model()
 
 

@@ -41,7 +41,7 @@ def describe_adapter(model: Any, base: str, picture: Optional[str] = None) -> st
     params = f"- Trainable parameters: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)"
     if config.method == "reslora":
         return f"""A **reslora** adapter (ResLoRA: LoRA with residual paths between the LoRA blocks of consecutive layers,
-merged into the weights for inference) for `{base}`, trained with [lor2c-hf](https://github.com/lor2c-hf/lor2c-hf).
+merged into the weights for inference) for `{base}`, trained with the lor2c_hf library.
 
 - Method: `reslora` (r={config.r}, alpha={config.lora_alpha}, res_flag={config.res_flag}, pre_num={config.pre_num},
   target_modules={config.target_modules})
@@ -56,7 +56,7 @@ merged into the weights for inference) for `{base}`, trained with [lor2c-hf](htt
     ) or "| - | - | - | - | - |"
     picture_line = f"\n![Structure: connections, injected blocks and the SFS scores of every event]({picture})\n" if picture else ""
     return f"""A **{config.method}** adapter (LoR2C: low-rank residual connections between transformer blocks) for
-`{base}`, trained with [lor2c-hf](https://github.com/lor2c-hf/lor2c-hf).
+`{base}`, trained with the lor2c_hf library.
 
 - Method: `{config.method}` (r={config.r}, alpha={config.lora_alpha}, share_a={config.share_a},
   merges={config.num_merges}, injects={config.num_injects}, schedule={config.schedule})
@@ -72,19 +72,32 @@ merged into the weights for inference) for `{base}`, trained with [lor2c-hf](htt
 """
 
 
+def metrics_table(metrics: Optional[dict[str, Any]]) -> str:
+    """The metrics the run recorded (eval loss, accuracy, perplexity...), one row each, or a plain statement of none."""
+    if not metrics:
+        return "No evaluation was recorded with this adapter."
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(metrics.items()))
+    return f"| metric | value |\n|---|---|\n{rows}"
+
+
 def model_card(model: Any, repo_id: str, metrics: Optional[dict[str, float]] = None, picture: Optional[str] = None) -> str:
-    """The card's Markdown; `picture` is the file name of a structure picture stored next to it."""
+    """The card's Markdown; `picture` is the file name of a structure picture stored next to it.
+
+    `library_name: lor2c-hf`, and no `peft` tag: the files load with lor2c_hf, which PEFT's loaders cannot do."""
     config = model.adapter_config
     base_id = hub_base_id(config.base_model_name_or_path)
     base = config.base_model_name_or_path or type(model.get_base_model()).__name__
     yaml_base = f"base_model: {base_id}\n" if base_id else ""
-    metric_lines = "\n".join(f"- **{k}**: {v}" for k, v in (metrics or {}).items()) or "- (none recorded)"
+    family = "reslora" if config.method == "reslora" else "lor2c"
+    serving = ("" if config.method == "reslora" else
+               "\nTo serve it without lor2c_hf, `model.export_for_transformers(folder)` writes a folder that "
+               "`transformers` loads with `trust_remote_code=True`.\n")
     return f"""---
 library_name: lor2c-hf
 {yaml_base}tags:
-- lor2c
+- {family}
 - {config.method}
-- peft
+- adapter
 ---
 
 # {repo_id}
@@ -92,14 +105,17 @@ library_name: lor2c-hf
 {describe_adapter(model, base, picture)}
 ## Metrics
 
-{metric_lines}
+{metrics_table(metrics)}
 
 ## Usage
+
+This is an adapter, not a full model: it loads with the lor2c_hf library onto its base model (PEFT's and
+transformers' adapter loaders cannot build it).
 
 ```python
 {usage_snippet(model, base_id, repo_id)}
 ```
-"""
+{serving}"""
 
 
 def write_model_card(model: Any, folder: str, repo_id: str, metrics: Optional[dict[str, float]] = None) -> list[str]:

@@ -100,8 +100,8 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
     path = check_png_path(path, "plot_structure")
     structure, current = _as_structure(model_or_structure)
     L, events = structure.num_blocks, structure.events
-    height = max(3.5, 0.32 * max(L, len(events)) + 1.6)
-    with png_figure(path, "plot_structure", ncols=2, figsize=(12, height),
+    height = max(2.8, 0.3 * max(L, len(events)) + 1.3)
+    with png_figure(path, "plot_structure", ncols=2, figsize=(10, height),
                     gridspec_kw={"width_ratios": [1, 1.9]}) as (fig, (ax, timeline)):
         from matplotlib.patches import Rectangle
 
@@ -122,6 +122,7 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
         ax.set_ylim(-0.1, L + 0.1)
         ax.set_yticks([])
         ax.set_xticks([])
+        ax.set_ylabel("blocks, input at the bottom (bars: connections)", fontsize=8)
         for side in ("top", "right", "bottom", "left"):
             ax.spines[side].set_visible(False)
         ax.set_title(f"{len(structure.spans)} connections, {len(structure.injected)} injected, {L} blocks", fontsize=9)
@@ -131,6 +132,11 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
             timeline.text(0.5, 0.5, "no structure events", ha="center", va="center", fontsize=9)
             timeline.set_axis_off()
         else:
+            timeline.set_yticks(range(len(events)), [f"#{len(events) - y}" for y in range(len(events))], fontsize=7)
+            timeline.set_ylabel("events in training order (first at the top)", fontsize=8)
+            timeline.set_xticks([])
+            for side in ("top", "right", "bottom"):
+                timeline.spines[side].set_visible(False)
             for row, event in enumerate(events):
                 y = len(events) - 1 - row
                 marker, color = ("s", INJECT_COLOR) if event["kind"] == "inject" else ("D", MERGED_COLOR)
@@ -140,9 +146,8 @@ def plot_structure(model_or_structure: Union[Any, Structure, dict], path: str, t
                 step = event.get("step")
                 where = f"step {step}" if step is not None else f"event {row + 1}"
                 timeline.text(0.15, y, f"{where}: {_event_label(event)}", va="center", fontsize=7.5)
-            timeline.set_xlim(-0.2, 4.0)
+            timeline.set_xlim(-0.2, 2.8)
             timeline.set_ylim(-0.8, len(events) - 0.2)
-            timeline.set_axis_off()
         if title:
             fig.suptitle(title, fontsize=10)
     return path

@@ -12,7 +12,9 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -277,11 +279,44 @@ def check_source(name: str, flag: str, what: str) -> str:
 
 
 MODEL_HINT = "a folder saved with save_pretrained (config.json + weights) or a Hub id you can reach"
+MODEL_HINT_EXTRA: list[str] = []  # a recipe's own way out, e.g. alpaca.py's "--tiny"
 
 
-def hub_error(flag: str, name: str, err: BaseException, what: str) -> RecipeError:
+def model_hint() -> str:
+    return "; ".join([MODEL_HINT, *MODEL_HINT_EXTRA])
+
+
+def hub_error(flag: str, name: str, err: Any, what: str) -> RecipeError:
     return RecipeError(f"{flag} {name} could not be loaded: it is not a local path and the Hugging Face Hub could not "
                        f"provide it ({one_line(err)[:300]}). Pass {what}.")
+
+
+def hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """Why the Hub cannot serve a download right now (offline mode, or no connection to its endpoint), else None.
+
+    Checked once before loading: otherwise every file transformers asks for is retried with back-off, minutes
+    of silence before the same error."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as err:
+        return f"no connection to {constants.ENDPOINT}: {err.strerror or err}"
+    return None
+
+
+def check_hub_model(source: str, flag: str, what: str) -> None:
+    """A Hub id that is neither in the local cache nor downloadable now is refused at once, by one line."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if os.path.exists(source) or isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    reason = hub_unreachable()
+    if reason:
+        raise hub_error(flag, source, reason, what)
 
 
 def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments) -> torch.dtype:
@@ -331,17 +366,19 @@ def load_tokenizer(model_args: ModelArguments, **kwargs: Any):
     name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
     source = check_source(name, flag, MODEL_HINT)
+    check_hub_model(source, flag, model_hint())
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         if os.path.exists(source):
             raise RecipeError(f"{flag} {name} has no usable tokenizer ({one_line(err)[:300]}); pass --tokenizer_name_or_path.") from None
-        raise hub_error(flag, name, err, MODEL_HINT) from None
+        raise hub_error(flag, name, err, model_hint()) from None
 
 
 def load_model(model_args: ModelArguments, training_args: TrainingArguments, auto_class: Any, **kwargs: Any) -> PreTrainedModel:
     """Load the base model (Hub id or folder) in the requested dtype, quantized and k-bit-prepared if asked."""
     source = check_source(model_args.model_name_or_path, "--model_name_or_path", MODEL_HINT)
+    check_hub_model(source, "--model_name_or_path", model_hint())
     quantization = quantization_config(model_args)
     load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(model_args, training_args), **kwargs}
     if model_args.attn_implementation:
@@ -353,7 +390,7 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, aut
     except (OSError, ValueError) as err:
         if os.path.exists(source):
             raise RecipeError(f"--model_name_or_path {source} is not a loadable model folder ({one_line(err)[:300]}); pass {MODEL_HINT}.") from None
-        raise hub_error("--model_name_or_path", model_args.model_name_or_path, err, MODEL_HINT) from None
+        raise hub_error("--model_name_or_path", model_args.model_name_or_path, err, model_hint()) from None
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 

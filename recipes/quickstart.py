@@ -68,6 +68,10 @@ def given(argv: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
+SMOKE_NOTICE = ("--smoke: a few steps on 64 sentences, to check that everything runs. Its accuracy means nothing "
+                "(it may well go down, and SFS scores of 0 are expected this early); drop --smoke for the real run.")
+
+
 def say(*parts: Any) -> None:
     print("[quickstart]", *parts, flush=True)
 
@@ -89,6 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tokenizer = load_tokenizer(model_args)
     train, dev = glue.tokenize_task_data((train_raw, dev_raw), tokenizer, data_args)
     model, trainer_class = wrap_model(glue.load_classifier(model_args, training_args, task, tokenizer), adapter_args, "SEQ_CLS")
+    smoke = given(argv, "--smoke")
+    if smoke:
+        say(SMOKE_NOTICE)
     say(f"{adapter_args.method} on {model_args.model_name_or_path}")
     say(f"{task.name}: {len(train)} training and {len(dev)} dev sentences from {data_args.data_dir}; "
         f"{training_args.num_train_epochs:g} epoch(s), {describe_batch(training_args)}")
@@ -118,7 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report.update(before={metric: before[f"eval_{metric}"]}, reloaded={metric: again[f"eval_{metric}"]},
                   seconds=round(time.time() - started, 1))
     picture = draw_structure(reloaded, training_args.output_dir,
-                             f"{adapter_args.method} on {task.name}: {metric} {after[f'eval_{metric}']:.4f}")
+                             f"{adapter_args.method} on {task.name}: {metric} {before[f'eval_{metric}']:.4f} before "
+                             f"\u2192 {after[f'eval_{metric}']:.4f} after training" + (" (--smoke: meaningless)" if smoke else ""))
     if picture:
         report["structure_picture"] = os.path.basename(picture)
     paths = glue.write_report(report, training_args.output_dir)
@@ -128,6 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say(f"structure picture (spans, injected blocks, SFS of every event): {picture}")
     say(f"{metric}: {before[f'eval_{metric}']:.4f} before -> {after[f'eval_{metric}']:.4f} after training "
         f"({report['seconds']:.0f} s); report in {paths[1]}")
+    if smoke:
+        say(SMOKE_NOTICE)
     return 0
 
 

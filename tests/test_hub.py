@@ -137,7 +137,7 @@ def test_push_to_hub_sends_the_adapter_and_a_model_card(hub, tmp_path):
     assert json.dumps(model.structure["spans"]) in card and json.dumps(model.structure["injected"]) in card
     event_rows = [line for line in card.splitlines() if re.match(r"^\| (10|20) \| (merge|inject) \|", line)]
     assert len(event_rows) == 4
-    assert "**eval_accuracy**: 0.8125" in card and "**eval_loss**: 0.4321" in card
+    assert "| eval_accuracy | 0.8125 |" in card and "| eval_loss | 0.4321 |" in card
     assert f'LoR2CModel.from_pretrained(base, "{REPO}")' in card
     assert "](structure.png)" in card  # the picture shows in the card
 
@@ -271,7 +271,7 @@ def test_trainer_push_to_hub_sends_only_the_adapter_and_our_card_with_eval_metri
     assert hub.token.encode() not in files["training_args.bin"]  # the pickled arguments travel without the token
     card = files["README.md"].decode()
     assert "library_name: lor2c-hf" in card and "mergelor2c" in card
-    assert f"**eval_loss**: {eval_loss}" in card
+    assert f"| eval_loss | {eval_loss} |" in card
     received = load_safetensors(files["adapter_model.safetensors"])
     for key, value in trainer.lor2c_model.adapter_state_dict().items():
         assert torch.equal(received[key], value), key

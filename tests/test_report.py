@@ -17,11 +17,12 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import report  # noqa: E402
 
 README = os.path.join(REPO, "README.md")
+BENCHMARKS = os.path.join(REPO, "docs", "benchmarks.md")  # the full tables; the README holds the short one
 BENCH_README = os.path.join(REPO, "bench", "README.md")
 
 
 def test_readme_blocks_are_what_the_committed_json_renders_to(capsys):
-    assert report.main(["--check", README, BENCH_README]) == 0, capsys.readouterr().err
+    assert report.main(["--check", README, BENCHMARKS, BENCH_README]) == 0, capsys.readouterr().err
 
 
 def test_long_table_means_and_stds_are_the_runs_own(tmp_path):
@@ -43,16 +44,27 @@ def test_a_changed_number_makes_the_readme_block_stale(tmp_path, capsys):
     run = next(r for r in payload["runs"] if r["method"] == "lor2c")
     run["accuracy"] -= 0.05
     path.write_text(json.dumps(payload))
-    readme = tmp_path / "README.md"
-    shutil.copy(README, readme)
-    assert report.main(["--results", str(results), "--check", str(readme)]) == 1
-    assert "quality_long" in capsys.readouterr().err
-    assert report.main(["--results", str(results), "--write", str(readme)]) == 0
-    assert report.main(["--results", str(results), "--check", str(readme)]) == 0
+    readme, summary = tmp_path / "benchmarks.md", tmp_path / "README.md"
+    shutil.copy(BENCHMARKS, readme)
+    shutil.copy(README, summary)
+    files = [str(readme), str(summary)]
+    assert report.main(["--results", str(results), "--check", *files]) == 1
+    err = capsys.readouterr().err
+    assert "benchmarks.md: block(s) quality_long differ" in err and "README.md: block(s) quality_summary differ" in err
+    assert report.main(["--results", str(results), "--write", *files]) == 0
+    assert report.main(["--results", str(results), "--check", *files]) == 0
     text = readme.read_text()
-    assert text != open(README, encoding="utf-8").read()
+    assert text != open(BENCHMARKS, encoding="utf-8").read()
     outside = report.pattern("quality_long").sub("", text)
-    assert outside == report.pattern("quality_long").sub("", open(README, encoding="utf-8").read())  # nothing else moved
+    assert outside == report.pattern("quality_long").sub("", open(BENCHMARKS, encoding="utf-8").read())  # nothing else moved
+
+
+def test_a_block_deleted_from_every_file_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(report.pattern("quality_summary").sub("", open(README, encoding="utf-8").read())
+                      + "\n<!-- report:mn_grid -->\n<!-- /report:mn_grid -->\n")
+    with pytest.raises(report.quality.BenchError, match="report:quality_summary"):
+        report.main(["--check", str(readme), BENCHMARKS])
 
 
 def test_a_readme_without_the_markers_is_refused(tmp_path):
