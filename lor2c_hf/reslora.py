@@ -249,11 +249,15 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         """LoRA parameters (the norms are statistics, not parameters): sum over blocks and targets of r (in + out)."""
         return sum(full_numel(p) for p in self.reslora.parameters())
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+    def adapter_state_dict(self, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """The adapter tensors, with rank 0's running input norms on every rank first (a collective when
-        distributed: DDP keeps buffers in step, DeepSpeed does not, and each rank sees other data)."""
+        distributed: DDP keeps buffers in step, DeepSpeed does not, and each rank sees other data). The norms
+        are buffers, so they are always read from the module, never from a `state_dict` gathered earlier."""
         broadcast_buffers(self.reslora)
-        return super().adapter_state_dict()
+        if state_dict:
+            own = {k: v for k, v in self.state_dict(keep_vars=True).items() if k.startswith(self.adapter_prefixes)}
+            state_dict = {**state_dict, **{k: v for k, v in own.items() if not isinstance(v, nn.Parameter)}}
+        return super().adapter_state_dict(state_dict)
 
     # --- merging -------------------------------------------------------------------------------------------
 

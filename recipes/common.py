@@ -584,9 +584,13 @@ def main_print(args: TrainingArguments, *parts: Any) -> None:
 
 
 def run_recipe(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None, prog: str = "") -> int:
-    """Run `main`; a `RecipeError` becomes one line on stderr and exit status 2."""
+    """Run `main`; a `RecipeError` becomes one line on stderr and exit status 2. The process group is taken
+    down before exit: left to the interpreter's teardown, gloo's threads can abort a finished run (SIGABRT)."""
     try:
-        return main(argv)
+        status = main(argv)
     except RecipeError as err:
         print(f"{prog or os.path.basename(sys.argv[0])}: error: {one_line(err)}", file=sys.stderr, flush=True)
-        return 2
+        status = 2
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return status
