@@ -6,7 +6,7 @@ setting: 160 steps of batch 32, lr 5e-4, events on the `steps` schedule in the f
 default merge rule unless told otherwise), one seed, every
 (M, N) of `--grid` x `--grid`. M = N = 0 is LoR2C, N = 0 MergeLoR2C, M = 0 InjectLoR2C. Writes
 `bench/results/mn_grid.json` after every run (runs already there are skipped: resumable) and the heatmap
-`mn_grid.png` (`lor2c_hf.plotting.plot_mn_heatmap`, the one `recipes/glue.py --search_mn` draws).
+`mn_grid.png` (`lor2c_hf.extras.mn_heatmap.plot_mn_heatmap`, the one `recipes/glue.py --search_mn` draws).
 
     python bench/mn_grid.py --threads 1                       # 16 runs, ~3-5 min each on one core
     python bench/mn_grid.py --merge_criterion paper --merge_keep paper --name mn_grid_paper_rule
@@ -28,7 +28,7 @@ import transformers
 import quality
 from lor2c_hf import LoR2CConfig
 from lor2c_hf.config import events_problem
-from lor2c_hf.plotting import best_mn, plot_mn_heatmap
+from lor2c_hf.extras.mn_heatmap import best_mn, plot_mn_heatmap
 
 
 # The library's default merge rule (LoR2CConfig's), not quality.py's HParams, which keep the paper's rule that

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import quality
 from lor2c_hf import LoR2CConfig
-from lor2c_hf.plotting import best_mn
+from lor2c_hf.extras.mn_heatmap import best_mn
 from mn_grid import grid_scores as mn_grid_scores
 
 RESULTS = quality.RESULTS_DIR

@@ -90,20 +90,23 @@ def merge_into_projection(module: nn.Module, delta_weight: torch.Tensor) -> None
 
 
 class ConnectionCall(nn.Module):
-    """One slot's connection as a call: `base + scaling * B A dropout(x)` with that slot's A and B passed in.
+    """One slot's connection as a call: `base + scaling * B A dropout(x)` with that slot's A and B.
 
     It owns no parameters. Each slot has its own call module, called once per forward pass, so DeepSpeed
     ZeRO-3 can gather exactly that slot's A and B around the call, forward and backward (they are declared
     as the module's external parameters, see `zero3.py`). One module called once per span would not do:
-    ZeRO-3 reduces a module's gradients once per call.
+    ZeRO-3 reduces a module's gradients once per call. A and B are read from the connections module inside
+    the call, not passed as tensors: ZeRO-3 hooks a module's tensor inputs to release its parameters once
+    their gradients pass, and a parameter passed in would be released before its own gradient accumulates.
     """
 
-    def __init__(self, scaling: float, dropout: float) -> None:
+    def __init__(self, slot: int, scaling: float, dropout: float) -> None:
         super().__init__()
-        self.scaling = scaling
+        self.slot, self.scaling = slot, scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base: torch.Tensor, connections: "LoR2CConnections") -> torch.Tensor:
+        a, b = connections.a_of(self.slot), connections.lora_B[self.slot]
         x = x.to(a.dtype)
         return add_scaled_up_projection(base, F.linear(self.lora_dropout(x) if self.training else x, a), b, self.scaling)
 
@@ -128,14 +131,14 @@ class LoR2CConnections(nn.Module):
         )
         for a in self.lora_A:
             _kaiming_(a)
-        self.calls = nn.ModuleList(ConnectionCall(self.scaling, dropout) for _ in range(num_slots))
+        self.calls = nn.ModuleList(ConnectionCall(slot, self.scaling, dropout) for slot in range(num_slots))
 
     def a_of(self, slot: int) -> nn.Parameter:
         return self.lora_A[0 if self.share_a else slot]
 
     def forward(self, slot: int, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """`base + scaling * B A dropout(x)` for `slot`: a block's output with this connection added (fused)."""
-        return self.calls[slot](x, base, self.a_of(slot), self.lora_B[slot])
+        return self.calls[slot](x, base, self)
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """Each slot's A and B belong to the ParameterLists but are read by the slot's call (see `zero3.py`)."""

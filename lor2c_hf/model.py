@@ -20,7 +20,8 @@ from . import architectures as arch
 from .config import ConfigError, LoR2CConfig, check_adapter_config, events_problem
 from .guards import NonFiniteError
 from .distributed import broadcast_decision, full_numel, gathered
-from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, hidden_input, hidden_output, merge_into_projection, with_hidden_output
+from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, merge_into_projection
+from .modeling_lor2c import span_output
 from .serialization import AdapterIOMixin
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
 from .zero3 import ExternalParameterDeclarations
@@ -129,14 +130,7 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def _block_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self._adapter_enabled:
             return output
-        if index in self._multi_starts:
-            self._stash[index] = hidden_input(args, kwargs)
-        end = self._ends.get(index)
-        if end is None:
-            return output
-        start, slot = end
-        x = hidden_input(args, kwargs) if start == index else self._stash.pop(start)
-        return with_hidden_output(output, self.lor2c(slot, x, hidden_output(output)))
+        return span_output(index, args, kwargs, output, self._multi_starts, self._ends, self._stash, self.lor2c)
 
     def _external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """Adapter parameters read outside their owner's forward (for ZeRO-3, see `zero3.py`)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -57,6 +57,25 @@ def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
         if isinstance(kwargs.get(name), torch.Tensor):
             return kwargs[name]
     raise TypeError("Cannot find the hidden-state input of a block: expected a tensor as first argument or hidden_states=.")
+
+
+def span_output(index: int, args: tuple, kwargs: dict, output: Any, starts: Any, ends: dict[int, tuple[int, Any]],
+                stash: dict[int, torch.Tensor], add: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]) -> Any:
+    """Block `index`'s output with the connection of the span ending there added (SPEC eq. 1 on a span).
+
+    A span's input is the hidden state its first block was called with: kept in `stash` at a block in
+    `starts` until the span's last block. `ends` maps a last block to (first block, key), and
+    `add(key, x, block_output)` computes the block output plus the connection. The trained adapter and the
+    exported model both add their connections through this one function.
+    """
+    if index in starts:
+        stash[index] = hidden_input(args, kwargs)
+    end = ends.get(index)
+    if end is None:
+        return output
+    start, key = end
+    x = hidden_input(args, kwargs) if start == index else stash.pop(start)
+    return with_hidden_output(output, add(key, x, hidden_output(output)))
 
 
 class LoR2CSpans(nn.Module):
@@ -103,14 +122,8 @@ class LoR2CServingMixin:
         self._lor2c_hooks, self._lor2c_stash = [], {}
 
     def _lor2c_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if index in self._lor2c_starts:
-            self._lor2c_stash[index] = hidden_input(args, kwargs)
-        end = self._lor2c_ends.get(index)
-        if end is None:
-            return output
-        start, span = end
-        x = hidden_input(args, kwargs) if start == index else self._lor2c_stash.pop(start)
-        return with_hidden_output(output, self.lor2c.add(span, x, hidden_output(output)))
+        return span_output(index, args, kwargs, output, self._lor2c_starts, self._lor2c_ends, self._lor2c_stash,
+                           self.lor2c.add)
 
     def _lor2c_bases(self) -> tuple[type, type]:
         """(the transformers model class, its config class) under this folder's classes."""

@@ -250,11 +250,13 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         return sum(full_numel(p) for p in self.reslora.parameters())
 
     def adapter_state_dict(self, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-        """The adapter tensors, with rank 0's running input norms on every rank first (a collective when
-        distributed: DDP keeps buffers in step, DeepSpeed does not, and each rank sees other data). The norms
-        are buffers, so they are always read from the module, never from a `state_dict` gathered earlier."""
-        broadcast_buffers(self.reslora)
-        if state_dict:
+        """The adapter tensors. Called on every rank (no `state_dict`), it first puts rank 0's running input norms
+        on every rank, a collective (DDP keeps buffers in step, DeepSpeed does not, and each rank sees other data).
+        With the `state_dict` `Trainer` gathered, it runs on the main process only, so it takes no collective:
+        the norms are buffers, read from this rank's module (rank 0's, as under DDP)."""
+        if state_dict is None:
+            broadcast_buffers(self.reslora)
+        else:
             own = {k: v for k, v in self.state_dict(keep_vars=True).items() if k.startswith(self.adapter_prefixes)}
             state_dict = {**state_dict, **{k: v for k, v in own.items() if not isinstance(v, nn.Parameter)}}
         return super().adapter_state_dict(state_dict)

@@ -32,7 +32,7 @@ from common import (
 )
 
 import lor2c_hf
-from lor2c_hf import evaluation as ev
+from lor2c_hf.extras import instruct_eval as ev
 
 UNSAFE_HELP = ("Allow tasks that EXECUTE the code the model generates (HumanEval); lm-eval's own "
                "confirm_run_unsafe_code flag. Without it such tasks are refused. Run them only in a sandbox.")

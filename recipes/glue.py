@@ -7,7 +7,7 @@
 
 Six tasks (sst2, mrpc, cola, qnli, rte, stsb) read from GLUE's own TSV files (`--data_dir`: GLUE's folder or
 one task's folder, with train.tsv and dev.tsv) or, without `--data_dir`, from the Hub's `nyu-mll/glue`. Each
-is scored on its dev set with its GLUE metric through `evaluate`, offline (`lor2c_hf.metrics`), every epoch;
+is scored on its dev set with its GLUE metric through `evaluate`, offline (`lor2c_hf.extras.glue_metric`), every epoch;
 the best checkpoint by the task's metric is kept and saved. `--eval_only --adapter DIR` re-scores a saved
 adapter (LoR2C family, ResLoRA or PEFT LoRA). Both write `glue_report.json` and `glue_report.md`.
 """
@@ -282,7 +282,7 @@ def glue_metric(task: GlueTask):
     if missing:
         raise RecipeError(f"the GLUE metrics need scikit-learn and SciPy ({', '.join(missing)} missing): "
                           "pip install 'lor2c-hf[quickstart]' or pip install scikit-learn scipy.")
-    from lor2c_hf.metrics import load_glue_metric
+    from lor2c_hf.extras.glue_metric import load_glue_metric
 
     return load_glue_metric(task.name)
 
@@ -377,7 +377,7 @@ def search_mn(model_args: ModelArguments, adapter_args: AdapterArguments, traini
     from lor2c_hf import LoR2CTrainer
     from lor2c_hf.atomic import atomic_write_text
     from lor2c_hf.config import events_problem
-    from lor2c_hf.plotting import plot_mn_heatmap
+    from lor2c_hf.extras.mn_heatmap import plot_mn_heatmap
 
     if adapter_args.method != "imlor2c":
         raise RecipeError(f"--search_mn searches IMLoR2C's M and N; got --method {adapter_args.method} "
@@ -456,7 +456,7 @@ def adapter_summary(model: torch.nn.Module) -> dict[str, Any]:
 
 def build_report(task: GlueTask, method: str, model_name: str, adapter_dir: str, metrics: dict[str, float],
                  model: torch.nn.Module, eval_file: str, num_examples: int, mode: str) -> dict[str, Any]:
-    from lor2c_hf.metrics import TASK_METRICS
+    from lor2c_hf.extras.glue_metric import TASK_METRICS
 
     scores = {k: metrics[f"eval_{k}"] for k in ("loss",) + TASK_METRICS[task.name] if f"eval_{k}" in metrics}
     return {"task": task.name, "mode": mode, "method": method, "base_model": model_name, "adapter": adapter_dir,
@@ -497,7 +497,7 @@ def eval_data_source(data_args: GlueDataArguments, task: GlueTask) -> str:
 
 def check_best_metric(name: str, task: GlueTask) -> None:
     """--metric_for_best_model is one the task reports (with or without eval_), else Trainer fails after epoch 1."""
-    from lor2c_hf.metrics import TASK_METRICS
+    from lor2c_hf.extras.glue_metric import TASK_METRICS
 
     known = ("loss",) + TASK_METRICS[task.name]
     if name.removeprefix("eval_") not in known:

@@ -14,7 +14,7 @@ import transformers as tf
 pytest.importorskip("lm_eval")
 
 import lor2c_hf  # noqa: E402
-from lor2c_hf import evaluation as ev  # noqa: E402
+from lor2c_hf.extras import instruct_eval as ev  # noqa: E402
 from tiny_pretrained import save_tiny_pretrained  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -336,14 +336,14 @@ def test_output_dir_defaults_to_task_and_method_and_cli_overrides_yaml(monkeypat
 
 METRIC_PROGRAM = """
 import json, sys
-from lor2c_hf.metrics import load_glue_metric
+from lor2c_hf.extras.glue_metric import load_glue_metric
 cases = json.loads(sys.argv[1])
 print(json.dumps({task: load_glue_metric(task).compute(predictions=p, references=r) for task, (p, r) in cases.items()}))
 """
 
 
 def test_offline_glue_metrics_equal_scikit_learn_and_scipy(tmp_path):
-    """`evaluate` loads the metric from lor2c_hf/metrics.py in a process whose Hub address leads nowhere."""
+    """`evaluate` loads the metric from lor2c_hf/extras/glue_metric.py in a process whose Hub address leads nowhere."""
     rng = np.random.default_rng(3)
     cases = {}
     for task in glue.TASKS:
@@ -365,7 +365,7 @@ def test_offline_glue_metrics_equal_scikit_learn_and_scipy(tmp_path):
 
 
 def test_metric_module_rejects_an_unknown_task():
-    from lor2c_hf.metrics import load_glue_metric
+    from lor2c_hf.extras.glue_metric import load_glue_metric
 
     with pytest.raises(ValueError, match="unknown task 'mnli2'"):
         load_glue_metric("mnli2")

@@ -18,7 +18,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           TrainingArguments, set_seed)
 
 from lor2c_hf import LoR2CConfig, LoR2CTrainer  # LoR2C
-from lor2c_hf.metrics import load_glue_metric  # evaluate.load("glue", task) without the Hub
+from lor2c_hf.extras.glue_metric import load_glue_metric  # evaluate.load("glue", task) without the Hub
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Loaded (as Python's `sitecustomize`) only by the DeepSpeed-on-CPU test processes in test_ddp.py.
 
-It also prints a marker line whenever DeepSpeed consolidates a whole model's ZeRO-3 weights, so the test can
-check that saving an adapter does not.
+It also prints a marker line whenever DeepSpeed consolidates a whole model's ZeRO-3 weights (frozen base included), so
+the test can check that saving an adapter does not.
 
 DeepSpeed 0.19's CPU accelerator has no streams (`current_stream()` is None), yet ZeRO-3's
 `zero_grad(set_to_none=True)` calls `grad.record_stream(current_stream())` on every gradient, which
@@ -30,7 +30,8 @@ def _trace_consolidation() -> None:
     consolidate = DeepSpeedEngine._zero3_consolidated_16bit_state_dict
 
     def traced(self, *args, **kwargs):
-        print("[deepspeed-cpu-test] consolidated the full ZeRO-3 state dict", flush=True)
+        if not kwargs.get("exclude_frozen_parameters"):  # with it, only the adapter's parameters are gathered
+            print("[deepspeed-cpu-test] consolidated the full ZeRO-3 state dict", flush=True)
         return consolidate(self, *args, **kwargs)
 
     DeepSpeedEngine._zero3_consolidated_16bit_state_dict = traced

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME
-from .serialization import ADAPTER_CLASSES, AdapterLoadError, atomic_write_text, load_adapter_model
+from ..config import CONFIG_NAME
+from ..serialization import ADAPTER_CLASSES, AdapterLoadError, atomic_write_text, load_adapter_model
 
 # The paper's InstructEval suite (SPEC §8, Table II) as lm-eval tasks: name -> (lm-eval task, shots).
 PAPER_TASKS: dict[str, tuple[str, int]] = {
