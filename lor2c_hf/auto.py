@@ -17,8 +17,7 @@ from typing import Any, Optional
 import torch
 import transformers
 
-from .config import LoR2CConfig
-from .reslora_config import ResLoRAConfig
+from .methods import CONFIG_CLASSES
 from .serialization import AdapterLoadError, load_adapter_model, resolve_adapter_files
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only")
@@ -88,7 +87,7 @@ def register_refusals_with_peft() -> None:
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     except ImportError:  # PEFT is a dependency, but nothing here needs it
         return
-    for config_class in (LoR2CConfig, ResLoRAConfig):
+    for config_class in CONFIG_CLASSES:
         PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(config_class.peft_type, _refusal(config_class.peft_type))
 
 

@@ -59,3 +59,17 @@ def test_importing_the_library_loads_no_application_dependency():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_one_registry_wraps_every_method_and_refuses_other_configs():
+    import pytest
+    from tiny_models import tiny_model
+
+    from lor2c_hf import ConfigError, LoR2CConfig, LoR2CModel, ResLoRAConfig, ResLoRAModel, get_adapter_model
+    from lor2c_hf.methods import CONFIG_CLASSES, MODEL_CLASSES
+
+    assert isinstance(get_adapter_model(tiny_model("llama"), LoR2CConfig(r=2)), LoR2CModel)
+    assert isinstance(get_adapter_model(tiny_model("llama"), ResLoRAConfig(r=2, pre_num=2)), ResLoRAModel)
+    assert (LoR2CConfig, ResLoRAConfig) == CONFIG_CLASSES and (LoR2CModel, ResLoRAModel) == MODEL_CLASSES
+    with pytest.raises(ConfigError, match=r"got a dict; build one with LoR2CConfig\(\*\*your_dict\)"):
+        get_adapter_model(tiny_model("llama"), {"r": 2})

@@ -12,16 +12,14 @@ import copy
 import dataclasses
 import os
 from functools import partial
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 from transformers import Trainer
 
 from ..config import LoR2CConfig, check_adapter_config
-from ..model import LoR2CModel, get_lor2c_model
+from ..methods import CONFIG_CLASSES, MODEL_CLASSES, get_adapter_model
 from ..model_card import write_model_card
-from ..reslora import ResLoRAModel, get_reslora_model
-from ..reslora_config import ResLoRAConfig
 from ..wrapper import unwrap_adapter
 from .callback import LoR2CCallback
 
@@ -32,7 +30,7 @@ def _conflicting_fields(given: Any, actual: Any) -> list[str]:
             if getattr(given, f.name) is not None and getattr(given, f.name) != getattr(actual, f.name, None)]
 
 
-def _adapter_fields(config: Optional[Union[LoR2CConfig, ResLoRAConfig]]) -> set[str]:
+def _adapter_fields(config: Optional[Any]) -> set[str]:
     """Names a hyper-parameter search may set on the adapter config (not on `TrainingArguments`)."""
     return {f.name for f in dataclasses.fields(config if config is not None else LoR2CConfig)}
 
@@ -46,24 +44,22 @@ class LoR2CTrainer(Trainer):
     """
 
     def __init__(self, model: Optional[torch.nn.Module] = None, *trainer_args: Any,
-                 lor2c_config: Optional[Union[LoR2CConfig, ResLoRAConfig]] = None, stop_on_nonfinite: bool = True,
+                 lor2c_config: Optional[Any] = None, stop_on_nonfinite: bool = True,
                  **trainer_kwargs: Any) -> None:
         if lor2c_config is not None:
-            check_adapter_config(lor2c_config, (LoR2CConfig, ResLoRAConfig), "LoR2CTrainer(lor2c_config=...)")
+            check_adapter_config(lor2c_config, CONFIG_CLASSES, "LoR2CTrainer(lor2c_config=...)")
         self._init_lor2c_config = lor2c_config  # what call_model_init wraps each fresh model with
         self._full_hp_space: Optional[Callable[[Any], dict[str, Any]]] = None
         if model is None:
             if trainer_kwargs.get("model_init") is None:
                 raise ValueError("LoR2CTrainer needs a model (a transformers model or a LoR2CModel) or a model_init.")
-        elif isinstance(model, (LoR2CModel, ResLoRAModel)):
+        elif isinstance(model, MODEL_CLASSES):
             conflicts = _conflicting_fields(lor2c_config, model.adapter_config) if lor2c_config is not None else []
             if conflicts:
                 raise ValueError(f"lor2c_config differs from the config of the {type(model).__name__} passed as model in "
                                  f"{conflicts}; pass only one.")
-        elif isinstance(lor2c_config, ResLoRAConfig):
-            model = get_reslora_model(model, lor2c_config)
         else:
-            model = get_lor2c_model(model, lor2c_config or LoR2CConfig())
+            model = get_adapter_model(model, lor2c_config or LoR2CConfig())
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         given = [cb for cb in callbacks if isinstance(cb, LoR2CCallback)]
         self.lor2c_callback = given[0] if given else LoR2CCallback(stop_on_nonfinite=stop_on_nonfinite)
@@ -90,16 +86,14 @@ class LoR2CTrainer(Trainer):
         fields (e.g. `num_merges`, `num_injects`, `merge_criterion`) of the current search trial."""
         model = super().call_model_init(trial)
         params = self._trial_adapter_params(trial)
-        if isinstance(model, (LoR2CModel, ResLoRAModel)):
+        if isinstance(model, MODEL_CLASSES):
             if params:
                 raise ValueError(f"model_init returned a {type(model).__name__}, so the searched adapter fields "
                                  f"{sorted(params)} cannot be applied; return the plain transformers model and pass "
                                  "lor2c_config to LoR2CTrainer.")
             return model
         config = dataclasses.replace(copy.deepcopy(self._init_lor2c_config or LoR2CConfig()), **params)
-        if isinstance(config, ResLoRAConfig):
-            return get_reslora_model(model, config)
-        return get_lor2c_model(model, config)
+        return get_adapter_model(model, config)
 
     def hyperparameter_search(self, hp_space: Optional[Callable[[Any], dict[str, Any]]] = None, *args: Any,
                               **kwargs: Any) -> Any:
