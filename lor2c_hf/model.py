@@ -256,6 +256,20 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
 
     # --- counts --------------------------------------------------------------------------------------------
 
+    def adapter_state_dict(self, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """The adapter tensors, with the slots a merge or inject retired saved as zeros: no forward reads them
+        again, and under DeepSpeed (one flat optimizer buffer) they keep moving on their momentum, differently
+        in a run resumed from DeepSpeed's own checkpoint, so their values would make equal runs' files differ."""
+        state = super().adapter_state_dict(state_dict)
+        owners = set(self._structure.owners)
+        retired = [f"lor2c.lora_B.{slot}" for slot in range(len(self.lor2c.lora_B)) if slot not in owners]
+        if not self.lor2c.share_a:
+            retired += [f"lor2c.lora_A.{slot}" for slot in range(len(self.lor2c.lora_A)) if slot not in owners]
+        for key in retired:
+            if key in state:
+                state[key] = torch.zeros_like(state[key])
+        return state
+
     def num_adapter_parameters(self) -> int:
         """Parameters of the connections and injected LoRA the current structure reads (task heads excluded)."""
         s, conn = self._structure, self.lor2c
