@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import sys
+import typing
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -64,25 +65,38 @@ class ModelArguments:
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "Attention kernel: eager, sdpa or flash_attention_2 (default: transformers' choice)."})
 
 
-@dataclass
-class AdapterArguments:
-    """The method and its hyper-parameters; unset values take the method preset of `LoR2CConfig.for_method`."""
+RECIPE_ONLY_HELP = {
+    "method": "lora (PEFT, on q and v), lor2c, sharelor2c, mergelor2c, injectlor2c, imlor2c, or reslora.",
+    "num_merges": "M, for mergelor2c and imlor2c (a recipe's default M is dropped for other methods).",
+    "num_injects": "N, for injectlor2c and imlor2c (a recipe's default N is dropped for other methods).",
+    "target_modules": "Projections for LoRA and ResLoRA (default: the query and value projections of the architecture); "
+                      "LoR2C's injected LoRA takes --inject_target_modules.",
+}
+NOT_ON_THE_COMMAND_LINE = ("base_model_name_or_path",)  # filled in when the adapter is created
 
-    method: str = field(default="lor2c", metadata={"help": "lora (PEFT, on q and v), lor2c, sharelor2c, mergelor2c, injectlor2c, imlor2c, or reslora where lor2c_hf has it."})
-    r: Optional[int] = field(default=None, metadata={"help": "Rank of the LoR2C connections (and of LoRA / ResLoRA for those methods)."})
-    lora_alpha: Optional[float] = field(default=None, metadata={"help": "Scaling numerator: deltas are multiplied by lora_alpha / r."})
-    lora_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout on the adapter input."})
-    num_merges: Optional[int] = field(default=None, metadata={"help": "M, for mergelor2c and imlor2c (ignored by other methods)."})
-    num_injects: Optional[int] = field(default=None, metadata={"help": "N, for injectlor2c and imlor2c (ignored by other methods)."})
-    inject_r: Optional[int] = field(default=None, metadata={"help": "Rank of the LoRA injected on q and v (default r // 2)."})
-    inject_alpha: Optional[float] = field(default=None, metadata={"help": "lora_alpha of the injected LoRA."})
-    inject_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout of the injected LoRA."})
-    schedule: Optional[str] = field(default=None, metadata={"help": "When events happen: 'epochs' (paper eqs. 11-12) or 'steps' (fractional epochs, checked every optimizer step)."})
-    merge_criterion: Optional[str] = field(default=None, metadata={"help": "'official' (lowest summed rho, the authors' code; LoR2CConfig's default) or 'paper' (lowest summed SFS, the paper's text)."})
-    merge_keep: Optional[str] = field(default=None, metadata={"help": "Whose A, B survive a merge: 'paper' (higher SFS) or 'official' (lower block)."})
-    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Projections for LoRA / ResLoRA / injected LoRA (default: the query and value projections of the architecture)."})
-    res_flag: Optional[str] = field(default=None, metadata={"help": "ResLoRA residual type: is, bs or ms."})
-    pre_num: Optional[int] = field(default=None, metadata={"help": "ResLoRA: number of previous layers p on the residual path."})
+
+def adapter_arguments_class() -> type:
+    """The recipes' `adapter` section, made from the fields of `LoR2CConfig` and then `ResLoRAConfig` (their types
+    and help), so a field added to a config is a flag at once. Every value defaults to None, "unset": the config's
+    own default or method preset applies."""
+    fields_, seen = [], set()
+    for config_class in (lor2c_hf.LoR2CConfig, lor2c_hf.ResLoRAConfig):
+        hints = typing.get_type_hints(config_class)
+        for f in dataclasses.fields(config_class):
+            if f.name in seen or f.name in NOT_ON_THE_COMMAND_LINE or not f.init:
+                continue
+            seen.add(f.name)
+            kind = hints[f.name]
+            optional = kind if type(None) in typing.get_args(kind) else Optional[kind]
+            help_text = RECIPE_ONLY_HELP.get(f.name, f.metadata.get("help", ""))
+            fields_.append((f.name, optional, field(default=None, metadata={"help": help_text})))
+    cls = dataclasses.make_dataclass("AdapterArguments", fields_)
+    cls.__module__ = __name__
+    cls.__doc__ = "The method and its hyper-parameters: every field of LoR2CConfig and ResLoRAConfig, unset by default."
+    return cls
+
+
+AdapterArguments = adapter_arguments_class()
 
 
 @dataclass
@@ -470,19 +484,16 @@ def require_text(dataset: Any, columns: Sequence[str], flag: str, name: str, nul
 # --- adapters ------------------------------------------------------------------------------------------------
 
 
-def lor2c_config_from(adapter: AdapterArguments) -> LoR2CConfig:
-    """`LoR2CConfig.for_method(method)` with every argument that was set (M and N only where the method uses them)."""
-    names = ("r", "lora_alpha", "lora_dropout", "inject_r", "inject_alpha", "inject_dropout", "schedule",
-             "merge_criterion", "merge_keep")
-    overrides = {n: getattr(adapter, n) for n in names if getattr(adapter, n) is not None}
-    if adapter.method in MERGE_METHODS and adapter.num_merges is not None:
-        overrides["num_merges"] = adapter.num_merges
-    if adapter.method in INJECT_METHODS and adapter.num_injects is not None:
-        overrides["num_injects"] = adapter.num_injects
+def lor2c_config_from(adapter: Any) -> LoR2CConfig:
+    """`LoR2CConfig.for_method(method)` with every `LoR2CConfig` field that was set (M and N only where the method
+    uses them: the recipes' defaults are IMLoR2C's)."""
+    names = {f.name for f in dataclasses.fields(LoR2CConfig) if f.init} - {"method"}
+    overrides = {n: getattr(adapter, n) for n in names if getattr(adapter, n, None) is not None}
+    if adapter.method not in MERGE_METHODS:
+        overrides.pop("num_merges", None)
     if adapter.method not in INJECT_METHODS:
-        overrides.pop("inject_r", None)
-    if adapter.target_modules:
-        overrides["inject_target_modules"] = adapter.target_modules
+        for name in ("num_injects", "inject_r"):
+            overrides.pop(name, None)
     return LoR2CConfig.for_method(adapter.method, **overrides)
 
 
@@ -502,9 +513,8 @@ def reslora_config(adapter: AdapterArguments, model: torch.nn.Module):
     """`lor2c_hf.ResLoRAConfig` from the arguments it has fields for (unset ones keep its defaults)."""
     config_cls = lor2c_hf.ResLoRAConfig
     known = {f.name for f in dataclasses.fields(config_cls)}
-    values = {"r": adapter.r, "lora_alpha": adapter.lora_alpha, "lora_dropout": adapter.lora_dropout,
-              "target_modules": adapter.target_modules, "res_flag": adapter.res_flag, "pre_num": adapter.pre_num}
-    return config_cls(**{k: v for k, v in values.items() if v is not None and k in known})
+    values = {k: getattr(adapter, k, None) for k in known - {"method"}}
+    return config_cls(**{k: v for k, v in values.items() if v is not None})
 
 
 def wrap_model(model: torch.nn.Module, adapter: AdapterArguments, task_type: str = "CAUSAL_LM") -> tuple[torch.nn.Module, type]:
