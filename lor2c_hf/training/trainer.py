@@ -96,7 +96,7 @@ class LoR2CTrainer(Trainer):
                                  f"{sorted(params)} cannot be applied; return the plain transformers model and pass "
                                  "lor2c_config to LoR2CTrainer.")
             return model
-        config = dataclasses.replace(copy.deepcopy(self._init_lor2c_config or LoR2CConfig()), **params)
+        config = copy.deepcopy(self._init_lor2c_config or LoR2CConfig()).replace(**params)
         if isinstance(config, ResLoRAConfig):
             return get_reslora_model(model, config)
         return get_lor2c_model(model, config)
