@@ -149,20 +149,15 @@ class AdapterConfigIO:
 
     @classmethod
     def from_pretrained(cls, directory: str):
-        """The config saved in `directory`; a file that is not a JSON object is refused with its path and the reason."""
+        """The config saved in `directory`, read by the one adapter-file reader: `AdapterLoadError` names the file
+        and what is wrong with it (not JSON, too deep or large, not an object, a field out of range)."""
+        from .adapter_files import AdapterLoadError, read_config_data  # imports nothing of the configs
+
         path = os.path.join(directory, CONFIG_NAME)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); expected an adapter config.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected an "
-                              "adapter config written by save_pretrained.") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; expected an adapter config "
-                              "(a mapping of fields) written by save_pretrained.")
-        return cls.from_dict(data)
+            return cls.from_dict(read_config_data(path))
+        except (ConfigError, TypeError) as e:
+            raise AdapterLoadError(f"{path}: {e}") from None
 
 
 @dataclass

@@ -161,6 +161,15 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
                                  "num_injects=0 (no injected LoRA is allocated).")
         return structure
 
+    def check_saved_structure(self, structure: Structure, config: LoR2CConfig) -> None:
+        """A saved structure is what its events produce, with no more events of a kind than its config schedules
+        (the schedule counts them: crafted records would mark events done that never happened)."""
+        structure.check_replay()
+        for kind, allowed in (("merge", config.num_merges), ("inject", config.num_injects)):
+            if structure.count(kind) > allowed:
+                raise StructureError(f"structure field events holds {structure.count(kind)} {kind} records, but the "
+                                     f"config allows num_{kind}s={allowed}.")
+
     def set_structure(self, structure: Union[Structure, dict[str, Any]]) -> None:
         self._set_adapter_extra(self.parse_structure(structure))
 

@@ -73,7 +73,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     adapter_modules = ("reslora",)
     adapter_methods = ("reslora",)
     config_class = ResLoRAConfig
-    matching_fields = ("r", "lora_alpha", "res_flag", "pre_num", "target_modules")
+    resumable_fields = ("lora_dropout", "base_model_name_or_path")
 
     def __init__(self, model: nn.Module, config: ResLoRAConfig) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import HfArgumentParser
 
-from lor2c_hf import METHODS, ConfigError, LoR2CConfig, get_lor2c_model
+from lor2c_hf import METHODS, AdapterLoadError, ConfigError, LoR2CConfig, get_lor2c_model
 from lor2c_hf.config import CONFIG_NAME
 from tiny_models import tiny_model
 
@@ -184,10 +184,12 @@ def test_json_round_trip_through_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("content, reason", [(b'{"method": "lor2c", "r": 8', "not valid JSON"),
-                                             (b"\xff\xfe{}", "not UTF-8 text"), (b"[1, 2]", "holds a JSON list, not an object")])
+                                             (b"\xff\xfe{}", "not UTF-8 text"), (b"[1, 2]", "holds a JSON list; expected an object"),
+                                             (b"[" * 100_000 + b"]" * 100_000, "nests its JSON more than 16 levels deep"),
+                                             (b'{"r": "8"}', "LoR2CConfig.r='8' is invalid")])
 def test_from_pretrained_names_the_file_and_what_is_wrong_with_it(tmp_path, content, reason):
     (tmp_path / CONFIG_NAME).write_bytes(content)
-    with pytest.raises(ConfigError, match=reason) as failure:
+    with pytest.raises(AdapterLoadError, match=reason) as failure:
         LoR2CConfig.from_pretrained(str(tmp_path))
     assert str(tmp_path / CONFIG_NAME) in str(failure.value)
 
