@@ -235,3 +235,29 @@ def test_reslora_alpha_that_would_overflow_is_refused():
     with pytest.raises(ValueError, match=r"ResLoRAConfig.lora_alpha=1e\+308 is invalid"):
         get_reslora_model(_base(), ResLoRAConfig(lora_alpha=1e308))
 
+
+
+# --- item 2: a base that already carries an adapter ----------------------------------------------------------
+
+
+def test_a_base_already_adapted_is_refused_by_every_wrapper(tmp_path):
+    _adapted("llama", "causal").save_pretrained(tmp_path)
+    base = _base("llama", "causal")
+    bare = _outputs(base)
+    first = get_lor2c_model(base, LoR2CConfig(r=4))
+    for wrap in (lambda: get_lor2c_model(base, LoR2CConfig(r=4)), lambda: get_reslora_model(base, ResLoRAConfig(r=4))):
+        with pytest.raises(ValueError, match=r"already adapted by a LoR2CModel .*unload\(\)"):
+            wrap()
+    with pytest.raises(AdapterLoadError, match="already adapted by a LoR2CModel"):
+        LoR2CModel.from_pretrained(base, str(tmp_path))
+    first.unload()
+    again = LoR2CModel.from_pretrained(base, str(tmp_path))  # the base is bare again: one adapter applies
+    with again.disable_adapter():
+        assert torch.equal(_outputs(again), bare)
+
+
+def test_a_merged_model_is_not_adapted_twice():
+    model = _adapted("llama", "causal")
+    merged = model.merge_and_unload()
+    with pytest.raises(ValueError, match="already holds LoR2C connections"):
+        get_lor2c_model(merged, LoR2CConfig(r=4))
