@@ -24,7 +24,7 @@ from lor2c_hf.training.checkpoints import MANIFEST_NAME, CheckpointError, checkp
 from test_resilience import CONFIG, WEIGHTS, rewrite
 from test_serialization import _adapted, _assert_unchanged, _base, _outputs, _snapshot
 from test_trainer import cls_data, training_args
-from tiny_models import tiny_model
+from tiny_models import random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +261,39 @@ def test_a_merged_model_is_not_adapted_twice():
     merged = model.merge_and_unload()
     with pytest.raises(ValueError, match="already holds LoR2C connections"):
         get_lor2c_model(merged, LoR2CConfig(r=4))
+
+
+# --- item 4: ResLoRA's running norms -------------------------------------------------------------------------
+
+
+def _reslora(flag: str = "ms"):
+    model = get_reslora_model(_base(), ResLoRAConfig(r=4, res_flag=flag, pre_num=1)).train()
+    with torch.no_grad():
+        for layer in model.reslora.modules():
+            if hasattr(layer, "lora_B") and hasattr(layer.lora_B, "weight"):
+                layer.lora_B.weight.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("flag", ["ms", "is"])
+def test_an_empty_input_leaves_the_running_norms_as_they_were(flag):
+    model = _reslora(flag)
+    model(input_ids=random_ids())
+    norms, counts = model.reslora.input_norm.clone(), model.reslora.input_count.clone()
+    try:
+        model(input_ids=torch.zeros((2, 0), dtype=torch.long))  # zero tokens: the base may fail, the norms must not change
+    except Exception:
+        pass
+    assert torch.equal(model.reslora.input_norm, norms) and torch.equal(model.reslora.input_count, counts)
+    merged = model.merge_and_unload()
+    assert all(bool(torch.isfinite(p).all()) for p in merged.parameters())
+
+
+def test_reslora_merge_refuses_nonfinite_norms_and_changes_nothing():
+    model = _reslora()
+    model(input_ids=random_ids())
+    model.reslora.input_norm[1, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+    with pytest.raises(RuntimeError, match="non-finite ones"):
+        model.merge_and_unload()
+    assert all(torch.equal(v, before[k]) for k, v in model.get_base_model().state_dict().items())
