@@ -45,6 +45,10 @@ def events_problem(num_merges: int, num_injects: int, num_blocks: int) -> Option
         return f"LoR2CConfig.num_injects={num_injects} but the model has {L} blocks: at most {L} injects are possible."
     if num_merges + num_injects > L:
         return f"LoR2CConfig.num_merges + num_injects = {num_merges + num_injects} exceeds the {L} blocks of the model."
+    if num_merges and num_merges + num_injects == L:
+        return (f"LoR2CConfig.num_merges + num_injects = {L} equals the {L} blocks of the model: a merged span always "
+                "remains and cannot be injected, so one event would always be skipped; with merges, expected "
+                f"num_merges + num_injects <= {L - 1}.")
     return None
 
 

@@ -95,6 +95,8 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         if c.r > d:
             raise ConfigError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.get_base_model()).__name__}; expected 1 <= r <= {d}.")
         problem = events_problem(c.num_merges, c.num_injects, L)
+        if not problem and c.num_merges:
+            problem = arch.layerdrop_problem(self.get_base_model(), "MergeLoR2C", f"(num_merges={c.num_merges}): a merged span")
         if problem:
             raise ConfigError(problem)
         check_modules_to_save(self.get_base_model(), c.modules_to_save, "LoR2CConfig")

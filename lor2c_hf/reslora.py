@@ -122,6 +122,9 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         if c.res_flag != "is" and c.pre_num > L - 1:
             raise ConfigError(f"ResLoRAConfig.pre_num={c.pre_num} but {model} has {L} blocks: a layer has at most "
                               f"{L - 1} previous layers; expected 0 <= pre_num <= {L - 1}.")
+        problem = arch.layerdrop_problem(self.get_base_model(), "ResLoRA", f"res_flag={c.res_flag!r}") if c.res_flag != "bs" else None
+        if problem:
+            raise ConfigError(problem)
         for name in self.target_names:
             per_block = [s[name] for s in shapes]
             if any(s != per_block[0] for s in per_block):

@@ -293,6 +293,7 @@ def test_rank_error_is_a_config_error():
         ({"num_merges": 4}, "num_merges=4"),  # 4 blocks allow at most 3 merges
         ({"num_injects": 5}, "num_injects=5"),
         ({"num_merges": 2, "num_injects": 3}, "num_merges + num_injects"),
+        ({"num_merges": 3, "num_injects": 1}, "num_merges + num_injects = 4 equals"),  # the inject would always be skipped
     ],
 )
 def test_too_many_events_for_the_depth(overrides, fragment):
@@ -303,7 +304,7 @@ def test_too_many_events_for_the_depth(overrides, fragment):
 
 
 def test_events_that_fit_the_depth_are_accepted():
-    model = get_lor2c_model(tiny_model("roberta", num_layers=4), LoR2CConfig(num_merges=3, num_injects=1))
+    model = get_lor2c_model(tiny_model("roberta", num_layers=4), LoR2CConfig(num_merges=2, num_injects=1))
     assert model.num_blocks == 4
 
 

@@ -297,3 +297,48 @@ def test_reslora_merge_refuses_nonfinite_norms_and_changes_nothing():
     with pytest.raises(RuntimeError, match="non-finite ones"):
         model.merge_and_unload()
     assert all(torch.equal(v, before[k]) for k, v in model.get_base_model().state_dict().items())
+
+
+# --- item 7: OPT with LayerDrop ------------------------------------------------------------------------------
+
+
+def test_layerdrop_with_merged_spans_is_refused_by_name():
+    model = tiny_model("opt", layerdrop=0.5)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(ValueError, match=r"LayerDrop \(model.decoder.layerdrop=0.5\).*model.model.decoder.layerdrop = 0.0"):
+        get_lor2c_model(model, LoR2CConfig(r=4, num_merges=1))
+    with pytest.raises(ValueError, match="ResLoRA res_flag='ms'.*LayerDrop"):
+        get_reslora_model(model, ResLoRAConfig(r=4, pre_num=1))
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    get_lor2c_model(model, LoR2CConfig(r=4))  # single-block connections skip with their block: nothing goes stale
+    fixed = tiny_model("opt", layerdrop=0.5)
+    fixed.model.decoder.layerdrop = 0.0
+    get_lor2c_model(fixed, LoR2CConfig(r=4, num_merges=1))
+
+
+# --- item 9: configs that cannot be honoured -----------------------------------------------------------------
+
+
+def test_merges_plus_injects_equal_to_the_depth_are_refused():
+    with pytest.raises(ValueError, match=r"num_merges \+ num_injects = 4 equals the 4 blocks .*<= 3"):
+        get_lor2c_model(tiny_model("roberta", num_layers=4), LoR2CConfig(num_merges=3, num_injects=1))
+    get_lor2c_model(tiny_model("roberta", num_layers=4), LoR2CConfig(num_injects=4))  # no merge: every block may be injected
+
+
+def test_an_encoder_decoder_needs_its_blocks_named():
+    import transformers as tf
+
+    config = tf.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    model = tf.BartForConditionalGeneration(config)
+    with pytest.raises(ValueError, match=r"encoder-decoder with the block stacks \['model.encoder.layers', "
+                                         r"'model.decoder.layers'\].*blocks_path"):
+        get_lor2c_model(model, LoR2CConfig(r=4))
+    assert get_lor2c_model(model, LoR2CConfig(r=4, blocks_path="model.encoder.layers")).blocks_path == "model.encoder.layers"
+
+
+def test_zero_training_steps_are_refused_before_training(tmp_path):
+    trainer = LoR2CTrainer(tiny_model("bert", num_layers=2), training_args(tmp_path, num_train_epochs=0),
+                           train_dataset=cls_data(8), lor2c_config=LoR2CConfig(r=4))
+    with pytest.raises(ValueError, match=r"Training has no optimizer step: num_train_epochs=0, max_steps=-1; expected"):
+        trainer.train()
