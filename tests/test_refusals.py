@@ -342,3 +342,16 @@ def test_zero_training_steps_are_refused_before_training(tmp_path):
                            train_dataset=cls_data(8), lor2c_config=LoR2CConfig(r=4))
     with pytest.raises(ValueError, match=r"Training has no optimizer step: num_train_epochs=0, max_steps=-1; expected"):
         trainer.train()
+
+
+# --- item 13: several processes without a process group ------------------------------------------------------
+
+
+def test_several_processes_without_a_process_group_are_refused(tmp_path, monkeypatch):
+    args = training_args(tmp_path, max_steps=1, use_cpu=False)
+    assert args.device.type == "cpu"  # devices set up before the launcher's variables appear
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2 processes \(RANK=1\), but no process group.*use_cpu=True"):
+        LoR2CTrainer(tiny_model("bert", num_layers=2), args, train_dataset=cls_data(8), lor2c_config=LoR2CConfig(r=4))
+    assert os.listdir(tmp_path) == []

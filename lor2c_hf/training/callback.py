@@ -27,6 +27,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..distributed import check_process_group
 from ..guards import check_training_step
 from ..model import LoR2CModel
 from ..schedule import due_events, epoch_points, step_points
@@ -74,6 +75,7 @@ class LoR2CCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         self._check_model(model)
+        check_process_group()  # before anything is written into the shared output folder
         pickle_without_tokens(args)  # checkpoints' training_args.bin without the Hub token
         with args.main_process_first(desc="LoR2C: set incomplete checkpoints aside"):
             if args.should_save and args.output_dir:
