@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -165,11 +165,15 @@ class AdapterFolder:
     signature: dict[str, Any]
 
 
-def read_adapter_folder(path_or_repo_id: str, **hub_kwargs: Any) -> AdapterFolder:
+def read_adapter_folder(path_or_repo_id: str, check_config: Optional[Callable[[dict[str, Any]], Any]] = None,
+                        **hub_kwargs: Any) -> AdapterFolder:
     """Both files of an adapter, read once and checked against each other: JSON bounds, checksums, and the config
-    being the one saved with the weights (a folder holding parts of two saves, or an edited config, is refused)."""
+    being the one saved with the weights (a folder holding parts of two saves, or an edited config, is refused).
+    `check_config` sees the config's fields before the weights are read (e.g. to name a PEFT adapter as such)."""
     config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
     config = read_config_data(config_file)
+    if check_config is not None:
+        check_config(config)
     tensors, metadata = read_weights(weights_file)
     actual = config_digest(config)
     if actual != metadata[CONFIG_DIGEST_KEY]:

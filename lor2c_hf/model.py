@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
+from .adapter_files import parse_json
 from .config import ConfigError, LoR2CConfig, check_adapter_config, events_problem
 from .guards import NonFiniteError
 from .distributed import broadcast_decision, full_numel, gathered
@@ -191,7 +192,8 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def set_extra_state(self, state: Any) -> None:
         """`load_state_dict` calls this before it loads any adapter weight (the root loads first)."""
         try:
-            data = json.loads(bytes(state.tolist()).decode("utf-8")) if isinstance(state, torch.Tensor) else state
+            data = (parse_json(bytes(state.tolist()).decode("utf-8"), "_extra_state", "a LoR2C structure")
+                    if isinstance(state, torch.Tensor) else state)
         except (ValueError, UnicodeDecodeError) as e:
             raise StructureError(f"The state dict's LoR2C structure (_extra_state) is unreadable: {e}.") from None
         self.set_structure(data)

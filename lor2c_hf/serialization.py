@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -78,13 +79,17 @@ def adapter_method(data: dict[str, Any], source: str) -> str:
     raise AdapterLoadError(f"Adapter {source} has method {method!r}; known methods: {sorted(ADAPTER_CLASSES)}.")
 
 
-def read_adapter_config(folder: AdapterFolder, model_class: type):
-    """The config of `folder`, checked to be one `model_class` loads (its `method` field says which)."""
-    method = adapter_method(folder.config, folder.source)
+def check_method(model_class: type, source: str, data: dict[str, Any]) -> None:
+    """The config's `method` is one `model_class` loads (checked before the weights are read)."""
+    method = adapter_method(data, source)
     if method not in model_class.adapter_methods:
         owner = ADAPTER_CLASSES.get(method)
         hint = f"load it with {owner.__name__}.from_pretrained" if owner else f"known methods: {sorted(ADAPTER_CLASSES)}"
-        raise AdapterLoadError(f"Adapter {folder.source} is a {method!r} adapter, which {model_class.__name__} cannot load; {hint}.")
+        raise AdapterLoadError(f"Adapter {source} is a {method!r} adapter, which {model_class.__name__} cannot load; {hint}.")
+
+
+def read_adapter_config(folder: AdapterFolder, model_class: type):
+    """The config of `folder` as a `model_class` config (its method was checked by `check_method`)."""
     try:
         return model_class.config_class.from_dict(folder.config)
     except (ConfigError, TypeError) as e:
@@ -215,7 +220,7 @@ class AdapterIOMixin:
             from .training.checkpoints import refuse_incomplete  # the training package imports this module
 
             refuse_incomplete(path_or_repo_id)
-        folder = read_adapter_folder(path_or_repo_id, **hub_kwargs)
+        folder = read_adapter_folder(path_or_repo_id, partial(check_method, type(self), path_or_repo_id), **hub_kwargs)
         saved = read_adapter_config(folder, type(self))
         tensors = folder.tensors
         check_signature(folder.signature, base_signature(self.get_base_model(), self.blocks_path), path_or_repo_id)
@@ -257,7 +262,7 @@ class AdapterIOMixin:
         if isinstance(model, AdapterIOMixin):
             raise AdapterLoadError(f"The model already carries a {type(model).__name__} adapter: pass its base model "
                                    "(model.get_base_model()), or call model.load_adapter(path) to replace its weights.")
-        folder = read_adapter_folder(path_or_repo_id, **hub_kwargs)
+        folder = read_adapter_folder(path_or_repo_id, partial(check_method, cls, path_or_repo_id), **hub_kwargs)
         config = read_adapter_config(folder, cls)
         check_signature(folder.signature, base_signature(model, config.blocks_path), path_or_repo_id)
         check_heads(model, config, folder, allow_base_overwrite)

@@ -355,3 +355,12 @@ def test_several_processes_without_a_process_group_are_refused(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2 processes \(RANK=1\), but no process group.*use_cpu=True"):
         LoR2CTrainer(tiny_model("bert", num_layers=2), args, train_dataset=cls_data(8), lor2c_config=LoR2CConfig(r=4))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_deeply_nested_structure_in_a_state_dict_is_a_named_error():
+    """DeepSpeed resumes through `state_dict()`, whose `_extra_state` carries the structure as JSON bytes."""
+    model = get_lor2c_model(_base(), LoR2CConfig(r=4))
+    state = model.state_dict()
+    state["_extra_state"] = torch.tensor(list(b"[" * 100_000 + b"]" * 100_000), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"_extra_state\) is unreadable: _extra_state nests its JSON more than 16"):
+        model.load_state_dict(state)

@@ -91,7 +91,7 @@ class LoR2CCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         self._check_model(model)  # also when the callback came by `add_callback` after the trainer was made
-        if state.max_steps <= 0:  # Trainer would "train" zero steps and the untrained adapter be saved as the result
+        if args.max_steps <= 0 and args.num_train_epochs <= 0:  # zero steps: the untrained adapter would be the result
             raise ValueError(f"Training has no optimizer step: num_train_epochs={args.num_train_epochs}, "
                              f"max_steps={args.max_steps}; expected num_train_epochs > 0 or max_steps > 0.")
         pickle_without_tokens(args)
