@@ -62,7 +62,7 @@ def method_of(share_a: bool, num_merges: int, num_injects: int) -> str:
 
 
 def method_problem(method: str, share_a: bool, num_merges: int, num_injects: int) -> Optional[str]:
-    """Why `method` contradicts the fields, or None. ShareLoR2C's shared A may go with merges or injects."""
+    """Why `method` contradicts the fields, or None (a shared A may go with any method that has events)."""
     needs = {"lor2c": (False, False, False), "sharelor2c": (True, False, False), "mergelor2c": (None, True, False),
              "injectlor2c": (None, False, True), "imlor2c": (None, True, True)}[method]
     have = (share_a, num_merges > 0, num_injects > 0)
@@ -155,7 +155,7 @@ class AdapterConfigIO:
     def from_pretrained(cls, directory: str):
         """The config saved in `directory`, read by the one adapter-file reader: `AdapterLoadError` names the file
         and what is wrong with it (not JSON, too deep or large, not an object, a field out of range)."""
-        from .adapter_files import AdapterLoadError, read_config_data  # imports nothing of the configs
+        from .adapter_files import AdapterLoadError, read_config_data  # torch and safetensors only when a file is read
 
         path = os.path.join(directory, CONFIG_NAME)
         try:

@@ -109,12 +109,14 @@ def check_heads(model: torch.nn.Module, config: Any, folder: AdapterFolder, allo
 
 
 def load_adapter_model(model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False,
-                       allow_base_overwrite: bool = False, **hub_kwargs: Any):
-    """Wrap `model` with a saved adapter of any method (LoR2C family or ResLoRA), chosen by its `method` field."""
-    config_file, data = read_config_of(path_or_repo_id, **hub_kwargs)
+                       allow_base_overwrite: bool = False, allow_nonfinite: bool = False, **hub_kwargs: Any):
+    """Wrap `model` with a saved adapter of any method (LoR2C family or ResLoRA), chosen by its `method` field; the
+    `allow_*` opt-ins are `from_pretrained`'s."""
+    _, data = read_config_of(path_or_repo_id, **hub_kwargs)
     method = adapter_method(data, path_or_repo_id)
     return ADAPTER_CLASSES[method].from_pretrained(model, path_or_repo_id, is_trainable=is_trainable,
-                                                   allow_base_overwrite=allow_base_overwrite, **hub_kwargs)
+                                                   allow_base_overwrite=allow_base_overwrite,
+                                                   allow_nonfinite=allow_nonfinite, **hub_kwargs)
 
 
 class AdapterIOMixin:
