@@ -197,8 +197,8 @@ class AdapterIOMixin:
         signature = json.dumps(base_signature(self.get_base_model(), self.blocks_path))
         metadata = {
             "format": "pt",
-            "lor2c_structure": structure,
-            "lor2c_base": signature,
+            STRUCTURE_KEY: structure,
+            BASE_KEY: signature,
             DIGEST_KEY: tensors_digest(state, structure, signature),
             CONFIG_DIGEST_KEY: config_digest(self.adapter_config.to_dict()),
         }
