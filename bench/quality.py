@@ -221,7 +221,8 @@ def build_adapter(method: str, model: torch.nn.Module, hp: HParams) -> tuple[tor
         overrides["num_merges"] = hp.num_merges
     if method in ("injectlor2c", "imlor2c"):
         overrides["num_injects"] = hp.num_injects
-    return get_lor2c_model(model, LoR2CConfig.for_method(method, **overrides)), LoR2CTrainer
+    # replace: a grid cell with M = 0 or N = 0 trains the method its fields describe (LoR2CConfig refuses the contradiction)
+    return get_lor2c_model(model, LoR2CConfig.for_method(method).replace(**overrides)), LoR2CTrainer
 
 
 def reslora_unavailable() -> Optional[str]:

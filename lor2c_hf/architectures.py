@@ -58,6 +58,14 @@ def find_block_stack(model: nn.Module, blocks_path: Optional[str] = None) -> tup
                 f"blocks_path={blocks_path!r} does not name a non-empty nn.ModuleList in {type(model).__name__}."
             )
         return blocks_path, stack
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        stacks = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) > 0
+                  and n.endswith(("encoder.layers", "decoder.layers", "encoder.block", "decoder.block", "encoder.layer", "decoder.layer"))]
+        raise ArchitectureError(
+            f"{type(model).__name__} is an encoder-decoder with the block stacks {stacks}; LoR2C adapts one stack. Pass "
+            "LoR2CConfig(blocks_path=...) (or ResLoRAConfig(blocks_path=...)) with the one to adapt, e.g. "
+            f"{stacks[-1] if stacks else 'model.decoder.layers'!r}.")
     depth = _config_depth(model)
     for suffix in BLOCK_STACK_PATHS:
         found = [
@@ -74,6 +82,18 @@ def find_block_stack(model: nn.Module, blocks_path: Optional[str] = None) -> tup
         f"{', '.join(repr(p) for p in BLOCK_STACK_PATHS)} (at any depth). Pass LoR2CConfig(blocks_path=...) "
         "with the dotted path of the blocks."
     )
+
+
+def layerdrop_problem(model: nn.Module, owner: str, what: str) -> Optional[str]:
+    """Why LayerDrop breaks `what` on `model` (a dropped block would leave a stale hidden state), or None."""
+    dropping = {name: m.layerdrop for name, m in model.named_modules()
+                if isinstance(getattr(m, "layerdrop", None), (int, float)) and m.layerdrop > 0}
+    if not dropping:
+        return None
+    return (f"{type(model).__name__} trains with LayerDrop ({', '.join(f'{n}.layerdrop={v}' for n, v in dropping.items())}), "
+            f"which skips random blocks in training; {owner} {what} reads a hidden state saved in an earlier block, so a "
+            "skipped block would leave it stale (a later forward would add the previous batch's). Turn LayerDrop off "
+            "before wrapping: " + "; ".join(f"model.{n}.layerdrop = 0.0" for n in dropping) + ".")
 
 
 def _config_depth(model: nn.Module) -> Optional[int]:

@@ -11,14 +11,14 @@ use instead of PEFT's `KeyError`.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import torch
 import transformers
 
+from .adapter_files import read_config_of
 from .methods import CONFIG_CLASSES
-from .serialization import AdapterLoadError, load_adapter_model, resolve_adapter_files
+from .serialization import AdapterLoadError, load_adapter_model
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only")
 
@@ -37,10 +37,11 @@ class _AutoAdapterModel:
         """`kwargs` go to the base's `from_pretrained` (`dtype`, `num_labels`, `device_map`, ...); `revision`,
         `token`, `cache_dir`, `force_download` and `local_files_only` also to the adapter's download."""
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        config_file, _ = resolve_adapter_files(adapter_name_or_path, **hub_kwargs)
-        with open(config_file, encoding="utf-8") as f:
-            saved = json.load(f)
+        config_file, saved = read_config_of(adapter_name_or_path, **hub_kwargs)
         base_id = base_model_name_or_path or saved.get("base_model_name_or_path")
+        if base_id is not None and not isinstance(base_id, str):
+            raise AdapterLoadError(f"{config_file}: base_model_name_or_path={base_id!r} is invalid: expected a model id "
+                                   "or folder (a string).")
         if not base_id:
             raise AdapterLoadError(f"Adapter {adapter_name_or_path} does not record its base model "
                                    "(base_model_name_or_path is empty): pass base_model_name_or_path=..., or load the "

@@ -7,6 +7,7 @@ line. Values that can be checked without a model are checked at construction; th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,16 @@ MERGE_KEEP = ("paper", "official")
 SCHEDULES = ("epochs", "steps")
 ZERO_B_SCORES = ("spec", "official")
 CONFIG_NAME = "adapter_config.json"
+MAX_ALPHA = 1e6  # a larger lora_alpha overflows the first forward's activations (float16 at once, float32 soon)
+# What each method's name sets when the field is left unset (the paper's defaults); other fields: no share, no events.
+PRESETS: dict[str, dict[str, Any]] = {
+    "lor2c": {},
+    "sharelor2c": {"share_a": True},
+    "mergelor2c": {"num_merges": 4},
+    "injectlor2c": {"num_injects": 4},
+    "imlor2c": {"num_merges": 4, "num_injects": 4},
+}
+STRUCTURAL = ("share_a", "num_merges", "num_injects")  # the fields a method's name stands for
 
 
 class ConfigError(ValueError):
@@ -34,7 +45,34 @@ def events_problem(num_merges: int, num_injects: int, num_blocks: int) -> Option
         return f"LoR2CConfig.num_injects={num_injects} but the model has {L} blocks: at most {L} injects are possible."
     if num_merges + num_injects > L:
         return f"LoR2CConfig.num_merges + num_injects = {num_merges + num_injects} exceeds the {L} blocks of the model."
+    if num_merges and num_merges + num_injects == L:
+        return (f"LoR2CConfig.num_merges + num_injects = {L} equals the {L} blocks of the model: a merged span always "
+                "remains and cannot be injected, so one event would always be skipped; with merges, expected "
+                f"num_merges + num_injects <= {L - 1}.")
     return None
+
+
+def method_of(share_a: bool, num_merges: int, num_injects: int) -> str:
+    """The method that `share_a`, M and N describe: events name it, else the shared A."""
+    if num_merges and num_injects:
+        return "imlor2c"
+    if num_merges or num_injects:
+        return "mergelor2c" if num_merges else "injectlor2c"
+    return "sharelor2c" if share_a else "lor2c"
+
+
+def method_problem(method: str, share_a: bool, num_merges: int, num_injects: int) -> Optional[str]:
+    """Why `method` contradicts the fields, or None (a shared A may go with any method that has events)."""
+    needs = {"lor2c": (False, False, False), "sharelor2c": (True, False, False), "mergelor2c": (None, True, False),
+             "injectlor2c": (None, False, True), "imlor2c": (None, True, True)}[method]
+    have = (share_a, num_merges > 0, num_injects > 0)
+    wrong = [f"{name}={value!r}" for name, value, need, got in zip(STRUCTURAL, (share_a, num_merges, num_injects), needs, have)
+             if need is not None and need != got]
+    if not wrong:
+        return None
+    return (f"LoR2CConfig.method={method!r} contradicts {', '.join(wrong)}: these fields describe "
+            f"{method_of(share_a, num_merges, num_injects)!r}. Leave method unset (it follows from share_a, num_merges "
+            "and num_injects), or leave those fields unset (the method's preset fills them).")
 
 
 def _check(condition: bool, name: str, value: Any, allowed: str, owner: str = "LoR2CConfig") -> None:
@@ -78,6 +116,10 @@ class AdapterConfigIO:
             raise ConfigError(f"adapter config has unknown fields {sorted(unknown)}; known fields: {sorted(known)}.")
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def replace(self, **changes: Any):
+        """A copy with `changes`, validated again (what a search trial trains with)."""
+        return dataclasses.replace(self, **changes)
+
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
@@ -111,20 +153,15 @@ class AdapterConfigIO:
 
     @classmethod
     def from_pretrained(cls, directory: str):
-        """The config saved in `directory`; a file that is not a JSON object is refused with its path and the reason."""
+        """The config saved in `directory`, read by the one adapter-file reader: `AdapterLoadError` names the file
+        and what is wrong with it (not JSON, too deep or large, not an object, a field out of range)."""
+        from .adapter_files import AdapterLoadError, read_config_data  # torch and safetensors only when a file is read
+
         path = os.path.join(directory, CONFIG_NAME)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); expected an adapter config.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected an "
-                              "adapter config written by save_pretrained.") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; expected an adapter config "
-                              "(a mapping of fields) written by save_pretrained.")
-        return cls.from_dict(data)
+            return cls.from_dict(read_config_data(path))
+        except (ConfigError, TypeError) as e:
+            raise AdapterLoadError(f"{path}: {e}") from None
 
 
 @dataclass
@@ -133,13 +170,13 @@ class LoR2CConfig(AdapterConfigIO):
 
     peft_type: ClassVar[str] = "LOR2C"
 
-    method: str = field(default="lor2c", metadata={"help": f"Name of the method this config describes: one of {METHODS}."})
+    method: Optional[str] = field(default=None, metadata={"help": f"Method, one of {METHODS}. Unset: it follows from share_a, num_merges and num_injects. Set: those fields, when unset, take the method's preset ({PRESETS}), and a field that contradicts it is refused."})
     r: int = field(default=8, metadata={"help": "Rank r of each low-rank residual connection (A: r x d, B: d x r)."})
     lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the connection output is multiplied by lora_alpha / r."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the hidden state entering a connection."})
-    share_a: bool = field(default=False, metadata={"help": "ShareLoR2C: one A matrix shared by all blocks, one B per block."})
-    num_merges: int = field(default=0, metadata={"help": "M: number of MergeLoR2C events (each fuses two adjacent spans)."})
-    num_injects: int = field(default=0, metadata={"help": "N: number of InjectLoR2C events (each swaps one connection for LoRA on q and v)."})
+    share_a: Optional[bool] = field(default=None, metadata={"help": "ShareLoR2C: one A matrix shared by all blocks, one B per block (unset: the method's preset, else False)."})
+    num_merges: Optional[int] = field(default=None, metadata={"help": "M: number of MergeLoR2C events (each fuses two adjacent spans); unset: the method's preset, else 0."})
+    num_injects: Optional[int] = field(default=None, metadata={"help": "N: number of InjectLoR2C events (each swaps one connection for LoRA on q and v); unset: the method's preset, else 0."})
     sfs_top_k: int = field(default=2, metadata={"help": "k of the SFS score: share of the top-k singular values counted as rho."})
     merge_criterion: str = field(default="official", metadata={"help": "Which adjacent pair merges: 'official' = lowest summed rho, i.e. highest summed SFS (the authors' code, which produced the paper's numbers; the default, see the README's quality benchmarks); 'paper' = lowest summed SFS (the paper's text)."})
     merge_keep: str = field(default="paper", metadata={"help": "Whose A, B survive a merge: 'paper' = the span with higher SFS, 'official' = the lower block's span."})
@@ -154,19 +191,29 @@ class LoR2CConfig(AdapterConfigIO):
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model this adapter belongs to (filled in when the adapter is created)."})
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.method, str) and self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _check(self.method is None or isinstance(self.method, str) and self.method in METHODS, "method", self.method,
+               f"None or one of {METHODS}")
+        preset = PRESETS.get(self.method, {})
+        for name, default in zip(STRUCTURAL, (False, 0, 0)):
+            if getattr(self, name) is None:
+                setattr(self, name, preset.get(name, default))
         _check(is_int(self.r) and self.r > 0, "r", self.r, "a positive integer")
-        _check(is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a finite positive number")
+        _check(is_number(self.lora_alpha) and 0 < self.lora_alpha <= MAX_ALPHA, "lora_alpha", self.lora_alpha, f"a number in (0, {MAX_ALPHA:g}]")
         _check(is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)")
         _check(is_number(self.inject_dropout) and 0.0 <= self.inject_dropout < 1.0, "inject_dropout", self.inject_dropout, "a probability in [0, 1)")
         _check(isinstance(self.share_a, bool), "share_a", self.share_a, "True or False")
         _check(is_int(self.num_merges) and self.num_merges >= 0, "num_merges", self.num_merges, "an integer >= 0")
         _check(is_int(self.num_injects) and self.num_injects >= 0, "num_injects", self.num_injects, "an integer >= 0")
+        if self.method is None:
+            self.method = method_of(self.share_a, self.num_merges, self.num_injects)
+        problem = method_problem(self.method, self.share_a, self.num_merges, self.num_injects)
+        if problem:
+            raise ConfigError(problem)
         _check(is_int(self.sfs_top_k) and 1 <= self.sfs_top_k <= self.r, "sfs_top_k", self.sfs_top_k, f"an integer in [1, r={self.r}]")
         _check(isinstance(self.merge_criterion, str) and self.merge_criterion in MERGE_CRITERIA, "merge_criterion", self.merge_criterion, f"one of {MERGE_CRITERIA}")
         _check(isinstance(self.merge_keep, str) and self.merge_keep in MERGE_KEEP, "merge_keep", self.merge_keep, f"one of {MERGE_KEEP}")
         _check(isinstance(self.schedule, str) and self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
-        _check(is_number(self.inject_alpha) and self.inject_alpha > 0, "inject_alpha", self.inject_alpha, "a finite positive number")
+        _check(is_number(self.inject_alpha) and 0 < self.inject_alpha <= MAX_ALPHA, "inject_alpha", self.inject_alpha, f"a number in (0, {MAX_ALPHA:g}]")
         _check(isinstance(self.zero_b_score, str) and self.zero_b_score in ZERO_B_SCORES, "zero_b_score", self.zero_b_score, f"one of {ZERO_B_SCORES}")
         if self.inject_r is None:
             self.inject_r = max(1, self.r // 2)
@@ -182,16 +229,15 @@ class LoR2CConfig(AdapterConfigIO):
     def has_events(self) -> bool:
         return self.num_merges > 0 or self.num_injects > 0
 
+    def replace(self, **changes: Any) -> "LoR2CConfig":
+        """A copy with `changes` (e.g. a search trial's M and N); the method follows the new fields unless given."""
+        if "method" not in changes and any(name in changes for name in STRUCTURAL):
+            changes["method"] = None
+        return dataclasses.replace(self, **changes)
+
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> "LoR2CConfig":
-        """The preset of a named method (paper defaults), with any field overridden."""
+        """The preset of a named method (paper defaults), with any field overridden (a contradiction is refused)."""
         if method not in METHODS:
             raise ConfigError(f"Unknown method {method!r}: expected one of {METHODS}.")
-        presets: dict[str, dict[str, Any]] = {
-            "lor2c": {},
-            "sharelor2c": {"share_a": True},
-            "mergelor2c": {"num_merges": 4},
-            "injectlor2c": {"num_injects": 4},
-            "imlor2c": {"num_merges": 4, "num_injects": 4},
-        }
-        return cls(**{"method": method, **presets[method], **overrides})
+        return cls(method=method, **overrides)

@@ -8,6 +8,7 @@ adapter weights are partitioned, so they are gathered before scoring.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
@@ -18,6 +19,19 @@ from .zero3 import is_partitioned
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def check_process_group() -> None:
+    """Refuse several launched processes that share no process group: each would train alone, write into the same
+    output folder and remove the others' temporary files (`accelerate launch --num_processes 2` on CPU without
+    `use_cpu=True`)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"This process was launched as one of WORLD_SIZE={world} processes (RANK="
+                           f"{os.environ.get('RANK', '?')}), but no process group was set up, so each would train alone "
+                           "into the same output folder. On CPU pass use_cpu=True in TrainingArguments (--use_cpu), or "
+                           "launch with accelerate launch --multi_gpu --num_processes N (gloo); on GPUs check that CUDA "
+                           "is visible to every process.")
 
 
 def broadcast_decision(decision: Any) -> Any:

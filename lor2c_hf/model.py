@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
+from .adapter_files import parse_json
 from .config import ConfigError, LoR2CConfig, check_adapter_config, events_problem
 from .guards import NonFiniteError
 from .distributed import broadcast_decision, full_numel, gathered
@@ -96,6 +97,8 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         if c.r > d:
             raise ConfigError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.get_base_model()).__name__}; expected 1 <= r <= {d}.")
         problem = events_problem(c.num_merges, c.num_injects, L)
+        if not problem and c.num_merges:
+            problem = arch.layerdrop_problem(self.get_base_model(), "MergeLoR2C", f"(num_merges={c.num_merges}): a merged span")
         if problem:
             raise ConfigError(problem)
         check_modules_to_save(self.get_base_model(), c.modules_to_save, "LoR2CConfig")
@@ -155,6 +158,15 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
                                  "num_injects=0 (no injected LoRA is allocated).")
         return structure
 
+    def check_saved_structure(self, structure: Structure, config: LoR2CConfig) -> None:
+        """A saved structure is what its events produce, with no more events of a kind than its config schedules
+        (the schedule counts them: crafted records would mark events done that never happened)."""
+        structure.check_replay()
+        for kind, allowed in (("merge", config.num_merges), ("inject", config.num_injects)):
+            if structure.count(kind) > allowed:
+                raise StructureError(f"structure field events holds {structure.count(kind)} {kind} records, but the "
+                                     f"config allows num_{kind}s={allowed}.")
+
     def set_structure(self, structure: Union[Structure, dict[str, Any]]) -> None:
         self._set_adapter_extra(self.parse_structure(structure))
 
@@ -174,7 +186,8 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def set_extra_state(self, state: Any) -> None:
         """`load_state_dict` calls this before it loads any adapter weight (the root loads first)."""
         try:
-            data = json.loads(bytes(state.tolist()).decode("utf-8")) if isinstance(state, torch.Tensor) else state
+            data = (parse_json(bytes(state.tolist()).decode("utf-8"), "_extra_state", "a LoR2C structure")
+                    if isinstance(state, torch.Tensor) else state)
         except (ValueError, UnicodeDecodeError) as e:
             raise StructureError(f"The state dict's LoR2C structure (_extra_state) is unreadable: {e}.") from None
         self.set_structure(data)

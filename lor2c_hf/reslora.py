@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from . import architectures as arch
 from .config import ConfigError, check_adapter_config
 from .distributed import broadcast_buffers, full_numel
+from .guards import NonFiniteError
 from .layer import InjectedLoRA, LoraLayer, add_scaled_up_projection, merge_into_projection
 from .reslora_config import ResLoRAConfig
 from .serialization import AdapterIOMixin, AdapterLoadError
@@ -60,6 +61,8 @@ class ResLoRAAdapters(InjectedLoRA):
     def record_input(self, block: int, target: int, x: torch.Tensor) -> None:
         """Fold the mean token L2 norm of `x` into the running mean f[block, target] (weighted by tokens)."""
         norms = x.detach().float().norm(dim=-1)
+        if norms.numel() == 0 or not bool(torch.isfinite(norms).all()):
+            return  # no tokens (mean([]) is NaN), or a diverged input: never folded into the running mean
         count = self.input_count[block, target] + norms.numel()
         mean = self.input_norm[block, target].float()
         self.input_norm[block, target] = mean + (norms.mean() - mean) * (norms.numel() / count)
@@ -73,7 +76,7 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     adapter_modules = ("reslora",)
     adapter_methods = ("reslora",)
     config_class = ResLoRAConfig
-    matching_fields = ("r", "lora_alpha", "res_flag", "pre_num", "target_modules")
+    resumable_fields = ("lora_dropout", "base_model_name_or_path")
 
     def __init__(self, model: nn.Module, config: ResLoRAConfig) -> None:
         super().__init__()
@@ -119,6 +122,9 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         if c.res_flag != "is" and c.pre_num > L - 1:
             raise ConfigError(f"ResLoRAConfig.pre_num={c.pre_num} but {model} has {L} blocks: a layer has at most "
                               f"{L - 1} previous layers; expected 0 <= pre_num <= {L - 1}.")
+        problem = arch.layerdrop_problem(self.get_base_model(), "ResLoRA", f"res_flag={c.res_flag!r}") if c.res_flag != "bs" else None
+        if problem:
+            raise ConfigError(problem)
         for name in self.target_names:
             per_block = [s[name] for s in shapes]
             if any(s != per_block[0] for s in per_block):
@@ -269,10 +275,11 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         c = self.reslora_config
         if c.res_flag in ("is", "ms"):
             counts, norms = self.reslora.input_count, self.reslora.input_norm.float()
-            if bool((counts == 0).any()) or bool((norms <= 0).any()):
+            if bool((counts == 0).any()) or not bool((norms > 0).all()) or not bool(torch.isfinite(norms).all()):
                 raise RuntimeError(f"ResLoRA res_flag={c.res_flag!r} merges with the running input norms collected in "
-                                   "training-mode forward passes, and this adapter has none; run some training-mode "
-                                   "forwards (or train) before merging.")
+                                   "training-mode forward passes, and this adapter has none (or non-finite ones: "
+                                   f"{norms.flatten().tolist()[:4]}...); run some training-mode forwards (or train) before "
+                                   "merging. The model was not changed.")
         deltas = {}
         for block in range(self.num_blocks):
             for t, name in enumerate(self.target_names):
@@ -331,7 +338,12 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         report: dict[str, Any] = {"res_flag": self.reslora_config.res_flag, "exact": self.reslora_config.res_flag == "bs"}
         if check_inputs is not None:
             report = self.merge_error(check_inputs)
-        self._add_to_weights(self.delta_weights())
+        deltas = self.delta_weights()
+        bad = [key for key, delta in deltas.items() if not bool(torch.isfinite(delta).all())]
+        if bad:
+            raise NonFiniteError(f"merge_and_unload() refused: the ResLoRA update of (block, projection) {bad[:6]} holds NaN "
+                                 "or Inf values; folding it would make the model's output NaN. The model was not changed.")
+        self._add_to_weights(deltas)
         self._merged_into_base = True
         self.merge_report = report
         if report["exact"]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from .config import AdapterConfigIO, _check, is_int, is_number
+from .config import MAX_ALPHA, AdapterConfigIO, _check, is_int, is_number
 
 RES_FLAGS = ("is", "bs", "ms")
 IS_BLOCK0 = ("skip", "self")
@@ -40,7 +40,8 @@ class ResLoRAConfig(AdapterConfigIO):
     def __post_init__(self) -> None:
         _check(self.method == "reslora", "method", self.method, "'reslora'", OWNER)
         _check(is_int(self.r) and self.r > 0, "r", self.r, "a positive integer", OWNER)
-        _check(is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a finite positive number", OWNER)
+        _check(is_number(self.lora_alpha) and 0 < self.lora_alpha <= MAX_ALPHA, "lora_alpha", self.lora_alpha,
+               f"a number in (0, {MAX_ALPHA:g}]", OWNER)
         _check(is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)", OWNER)
         _check(isinstance(self.res_flag, str) and self.res_flag in RES_FLAGS, "res_flag", self.res_flag, f"one of {RES_FLAGS}", OWNER)
         _check(isinstance(self.is_block0, str) and self.is_block0 in IS_BLOCK0, "is_block0", self.is_block0, f"one of {IS_BLOCK0}", OWNER)

@@ -11,26 +11,27 @@ anything.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import tempfile
+from functools import partial
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import architectures as arch
+from .adapter_files import (BASE_KEY, CONFIG_DIGEST_KEY, DIGEST_KEY, STRUCTURE_KEY, WEIGHTS_NAME, AdapterFolder,  # noqa: F401
+                            AdapterLoadError, config_digest, read_adapter_folder, read_config_data, read_config_of,
+                            resolve_adapter_files, tensors_digest)
 from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .config import CONFIG_NAME, METHODS, ConfigError, LoR2CConfig
 from .distributed import gathered
-from .guards import check_tensors
+from .guards import check_tensors, nonfinite_names
 from .model_card import write_model_card
 from .structure import Structure
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-DIGEST_KEY, CONFIG_DIGEST_KEY = "lor2c_sha256", "lor2c_config_sha256"
 ADAPTER_PREFIXES = ("lor2c.", "lor2c_injected.")
 ADAPTER_CLASSES: dict[str, type] = {}  # method name -> the model class that loads it (filled by subclasses)
 # Task heads (`modules_to_save`) are `model.<name>` in the wrapper and `base_model.<name>` in adapter files (the
@@ -46,38 +47,6 @@ def from_file_key(key: str) -> str:
     return HEAD_PREFIX + key[len(HEAD_FILE_PREFIX):] if key.startswith(HEAD_FILE_PREFIX) else key
 
 
-class AdapterLoadError(ValueError):
-    """An adapter does not fit the base model it is loaded onto; nothing was changed."""
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor], *texts: str) -> str:
-    """sha256 of `texts` and of every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\0")
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def config_digest(data: dict[str, Any]) -> str:
-    """sha256 of a config's fields (key order and whitespace do not count)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def read_json(path: str, what: str) -> Any:
-    """The JSON in `path`, or an `AdapterLoadError` that names the file and says what is wrong with it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except UnicodeDecodeError as e:
-        raise AdapterLoadError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); expected {what}.") from None
-    except json.JSONDecodeError as e:
-        raise AdapterLoadError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {what}.") from None
-
-
 def base_signature(model: torch.nn.Module, blocks_path: Optional[str] = None) -> dict[str, Any]:
     """What an adapter must match: base class, model type, hidden size and number of blocks."""
     _, blocks = arch.find_block_stack(model, blocks_path)
@@ -87,71 +56,6 @@ def base_signature(model: torch.nn.Module, blocks_path: Optional[str] = None) ->
         "hidden_size": arch.hidden_size(model, blocks),
         "num_blocks": len(blocks),
     }
-
-
-def resolve_adapter_files(path_or_repo_id: str, **hub_kwargs: Any) -> tuple[str, str]:
-    """Local paths of (config, weights) from a directory or, failing that, a Hub repo id."""
-    if os.path.isdir(path_or_repo_id):
-        files = tuple(os.path.join(path_or_repo_id, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise AdapterLoadError(f"{path_or_repo_id} is not a LoR2C adapter directory: missing {missing}.")
-        return files
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return tuple(hf_hub_download(path_or_repo_id, name, **hub_kwargs) for name in (CONFIG_NAME, WEIGHTS_NAME))
-    except Exception as e:
-        raise AdapterLoadError(f"{path_or_repo_id} is not a local directory, and fetching it as a Hub repo id failed: "
-                               f"{type(e).__name__}: {e}") from e
-
-
-def read_adapter(weights_file: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(tensors, structure, base signature) of a saved adapter, its checksum verified."""
-    tensors, metadata = read_weights(weights_file)
-    try:
-        structure, signature = (json.loads(metadata[k]) for k in ("lor2c_structure", "lor2c_base"))
-    except json.JSONDecodeError as e:
-        raise AdapterLoadError(f"{weights_file}: its LoR2C metadata is not valid JSON ({e.msg}); the file is damaged.") from None
-    if not isinstance(signature, dict):
-        raise AdapterLoadError(f"{weights_file}: its lor2c_base metadata is a {type(signature).__name__}, expected an object.")
-    return tensors, structure, signature
-
-
-def read_weights(weights_file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an adapter weights file, refused unless it is a lor2c_hf file whose sha256 holds."""
-    try:
-        with safe_open(weights_file, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterLoadError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
-                               "truncated or damaged. Save the adapter again.") from None
-    if "lor2c_structure" not in metadata or "lor2c_base" not in metadata:
-        raise AdapterLoadError(f"{weights_file} has no LoR2C structure metadata; it was not written by lor2c_hf.")
-    expected = metadata.get(DIGEST_KEY)
-    if expected is not None:  # files written before checksums were added have none
-        actual = tensors_digest(tensors, metadata["lor2c_structure"], metadata["lor2c_base"])
-        if actual != expected:
-            raise AdapterLoadError(f"{weights_file} fails its checksum: the tensors or the structure changed after it was "
-                                   f"written (sha256 {actual[:12]}..., recorded {expected[:12]}...). The file is damaged.")
-    return tensors, metadata
-
-
-def check_config_pair(config_file: str, weights_file: str, source: str) -> None:
-    """The config beside the weights is the one saved with them (its sha256 is in the weights' metadata)."""
-    try:
-        with safe_open(weights_file, framework="pt") as f:
-            recorded = (f.metadata() or {}).get(CONFIG_DIGEST_KEY)
-    except (SafetensorError, OSError, ValueError):
-        return  # read_weights names the damage
-    if recorded is None:
-        return
-    actual = config_digest(read_json(config_file, "an adapter_config.json"))
-    if actual != recorded:
-        raise AdapterLoadError(f"Adapter {source}: {config_file} is not the config saved with {weights_file} (sha256 "
-                               f"{actual[:12]}..., the weights record {recorded[:12]}...): the folder holds parts of two saves "
-                               "(one was interrupted) or the config was edited. Save the adapter again. The model was not changed.")
 
 
 def check_signature(expected: dict[str, Any], actual: dict[str, Any], source: str) -> None:
@@ -175,34 +79,44 @@ def adapter_method(data: dict[str, Any], source: str) -> str:
     raise AdapterLoadError(f"Adapter {source} has method {method!r}; known methods: {sorted(ADAPTER_CLASSES)}.")
 
 
-def read_config_data(config_file: str) -> dict[str, Any]:
-    """The fields of an `adapter_config.json`, or an `AdapterLoadError` naming the file."""
-    data = read_json(config_file, "an adapter_config.json")
-    if not isinstance(data, dict):
-        raise AdapterLoadError(f"{config_file} holds a JSON {type(data).__name__}; expected an object of config fields "
-                               "(an adapter_config.json).")
-    return data
-
-
-def read_adapter_config(config_file: str, model_class: type, source: str):
-    """The config in `config_file`, checked to be one `model_class` loads (its `method` field says which)."""
-    data = read_config_data(config_file)
+def check_method(model_class: type, source: str, data: dict[str, Any]) -> None:
+    """The config's `method` is one `model_class` loads (checked before the weights are read)."""
     method = adapter_method(data, source)
     if method not in model_class.adapter_methods:
         owner = ADAPTER_CLASSES.get(method)
         hint = f"load it with {owner.__name__}.from_pretrained" if owner else f"known methods: {sorted(ADAPTER_CLASSES)}"
         raise AdapterLoadError(f"Adapter {source} is a {method!r} adapter, which {model_class.__name__} cannot load; {hint}.")
+
+
+def read_adapter_config(folder: AdapterFolder, model_class: type):
+    """The config of `folder` as a `model_class` config (its method was checked by `check_method`)."""
     try:
-        return model_class.config_class.from_dict(data)
+        return model_class.config_class.from_dict(folder.config)
     except (ConfigError, TypeError) as e:
-        raise AdapterLoadError(f"{config_file}: {e}") from None
+        raise AdapterLoadError(f"{folder.config_file}: {e}") from None
 
 
-def load_adapter_model(model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False, **hub_kwargs: Any):
-    """Wrap `model` with a saved adapter of any method (LoR2C family or ResLoRA), chosen by its `method` field."""
-    config_file, _ = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
-    method = adapter_method(read_config_data(config_file), path_or_repo_id)
-    return ADAPTER_CLASSES[method].from_pretrained(model, path_or_repo_id, is_trainable=is_trainable, **hub_kwargs)
+def check_heads(model: torch.nn.Module, config: Any, folder: AdapterFolder, allow_base_overwrite: bool) -> None:
+    """A downloaded adapter replaces only the base's task heads: other `modules_to_save` (the embeddings, a block)
+    would overwrite base weights from the file, which needs `allow_base_overwrite=True`."""
+    heads = set(arch.detect_task_heads(model))
+    other = [m for m in config.modules_to_save or [] if m not in heads]
+    if other and not allow_base_overwrite:
+        raise AdapterLoadError(f"{folder.config_file}: modules_to_save={other} are not task heads of this "
+                               f"{type(model).__name__} (its heads: {sorted(heads)}); loading would overwrite those base "
+                               "weights with the file's. Pass allow_base_overwrite=True if you trust this adapter and "
+                               "trained them yourself. The model was not changed.")
+
+
+def load_adapter_model(model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False,
+                       allow_base_overwrite: bool = False, allow_nonfinite: bool = False, **hub_kwargs: Any):
+    """Wrap `model` with a saved adapter of any method (LoR2C family or ResLoRA), chosen by its `method` field; the
+    `allow_*` opt-ins are `from_pretrained`'s."""
+    _, data = read_config_of(path_or_repo_id, **hub_kwargs)
+    method = adapter_method(data, path_or_repo_id)
+    return ADAPTER_CLASSES[method].from_pretrained(model, path_or_repo_id, is_trainable=is_trainable,
+                                                   allow_base_overwrite=allow_base_overwrite,
+                                                   allow_nonfinite=allow_nonfinite, **hub_kwargs)
 
 
 class AdapterIOMixin:
@@ -215,7 +129,7 @@ class AdapterIOMixin:
     adapter_prefixes: tuple[str, ...] = ADAPTER_PREFIXES  # state_dict prefixes of the adapter's tensors
     adapter_methods: tuple[str, ...] = METHODS  # values of the config's `method` field this class loads
     config_class: type = LoR2CConfig
-    matching_fields: tuple[str, ...] = ("r", "lora_alpha", "share_a", "inject_r", "inject_alpha")  # must agree to load
+    resumable_fields: tuple[str, ...] = ("lora_dropout", "inject_dropout", "base_model_name_or_path")  # may differ on load_adapter
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -226,9 +140,14 @@ class AdapterIOMixin:
         """Check a saved structure before anything changes; the result goes to `set_structure`."""
         return Structure.from_dict(data)
 
-    def _parse_saved_structure(self, data: Any, weights_file: str) -> Any:
+    def check_saved_structure(self, structure: Any, config: Any) -> None:
+        """Checks a saved structure must also pass (LoR2C: its events replay to it)."""
+
+    def _parse_saved_structure(self, data: Any, config: Any, weights_file: str) -> Any:
         try:
-            return self.parse_structure(data)
+            structure = self.parse_structure(data)
+            self.check_saved_structure(structure, config)
+            return structure
         except ValueError as e:  # StructureError, or a subclass's own AdapterLoadError
             tail = "" if "not changed" in str(e) else " The model was not changed."
             raise AdapterLoadError(f"{weights_file}: {e}{tail}") from None
@@ -261,6 +180,11 @@ class AdapterIOMixin:
         """Write `adapter_model.safetensors` (with the structure and checksums), then `adapter_config.json`,
         each atomically; a NaN or Inf tensor is refused unless `allow_nonfinite` (e.g. to inspect a diverged run)."""
         self._refuse_if_merged("save the adapter")
+        try:  # what load would refuse is not written (a structure set by hand that its events do not produce)
+            self.check_saved_structure(self._adapter_extra(), self.adapter_config)
+        except ValueError as e:
+            raise ValueError(f"Cannot save the adapter to {save_directory}: its {e} Loading would refuse it; change the "
+                             "structure through apply_merge / apply_inject.") from None
         state = self.adapter_state_dict(state_dict)  # without it, every rank takes part in a ZeRO-3 gather
         if not is_main_process:
             return
@@ -273,8 +197,8 @@ class AdapterIOMixin:
         signature = json.dumps(base_signature(self.get_base_model(), self.blocks_path))
         metadata = {
             "format": "pt",
-            "lor2c_structure": structure,
-            "lor2c_base": signature,
+            STRUCTURE_KEY: structure,
+            BASE_KEY: signature,
             DIGEST_KEY: tensors_digest(state, structure, signature),
             CONFIG_DIGEST_KEY: config_digest(self.adapter_config.to_dict()),
         }
@@ -282,12 +206,13 @@ class AdapterIOMixin:
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.adapter_config.to_json_string())
 
     def load_adapter(self, path_or_repo_id: str, adapter_name: str = "default", is_trainable: bool = True,
-                     **hub_kwargs: Any) -> None:
+                     allow_nonfinite: bool = False, **hub_kwargs: Any) -> None:
         """Restore weights and structure from a saved adapter onto this model (checked first, then applied).
 
         PEFT's signature, which `Trainer` calls to resume and to reload the best checkpoint: the adapter loads into
         the trained adapter ("default"); its parameters keep their trainable flags. A `Trainer` checkpoint that is
-        not complete (no valid manifest) is refused.
+        not complete (no valid manifest) is refused, and so is every config field but `resumable_fields` that
+        differs from this model's. NaN or Inf tensors are refused unless `allow_nonfinite` (to inspect a diverged run).
         """
         self._refuse_if_merged("load an adapter")
         if adapter_name != "default":
@@ -297,17 +222,18 @@ class AdapterIOMixin:
             from .training.checkpoints import refuse_incomplete  # the training package imports this module
 
             refuse_incomplete(path_or_repo_id)
-        config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
-        saved = read_adapter_config(config_file, type(self), path_or_repo_id)
-        tensors, structure, signature = read_adapter(weights_file)
-        check_config_pair(config_file, weights_file, path_or_repo_id)
-        check_signature(signature, base_signature(self.get_base_model(), self.blocks_path), path_or_repo_id)
-        mismatched = [f"{k}: adapter {getattr(saved, k)!r}, model {getattr(self.adapter_config, k)!r}"
-                      for k in self.matching_fields
-                      if getattr(saved, k) != getattr(self.adapter_config, k)]
+        folder = read_adapter_folder(path_or_repo_id, partial(check_method, type(self), path_or_repo_id), **hub_kwargs)
+        saved = read_adapter_config(folder, type(self))
+        tensors = folder.tensors
+        check_signature(folder.signature, base_signature(self.get_base_model(), self.blocks_path), path_or_repo_id)
+        mismatched = [f"{f.name}: adapter {getattr(saved, f.name)!r}, model {getattr(self.adapter_config, f.name)!r}"
+                      for f in dataclasses.fields(saved) if f.name not in self.resumable_fields
+                      and getattr(saved, f.name) != getattr(self.adapter_config, f.name)]
         if mismatched:
-            raise AdapterLoadError(f"Adapter {path_or_repo_id} was made with other settings ({'; '.join(mismatched)}); "
-                                   f"use {type(self).__name__}.from_pretrained(base_model, path) to build the model from it.")
+            raise AdapterLoadError(f"Adapter {path_or_repo_id} was made with other settings ({'; '.join(mismatched)}); only "
+                                   f"{list(self.resumable_fields)} may differ when loading into (or resuming) a model. Use "
+                                   f"{type(self).__name__}.from_pretrained(base_model, path) to build the model from it. "
+                                   "The model was not changed.")
         own = {to_file_key(k): v for k, v in self.state_dict().items() if k.startswith(self._adapter_key_prefixes())}
         bad = [f"{k} (adapter only)" for k in sorted(set(tensors) - set(own))]
         bad += [f"{k} (model only)" for k in sorted(set(own) - set(tensors))]
@@ -315,7 +241,12 @@ class AdapterIOMixin:
                 for k in sorted(tensors) if k in own and own[k].shape != tensors[k].shape]
         if bad:
             raise AdapterLoadError(f"Adapter {path_or_repo_id} tensors do not fit this model: {bad[:5]}. The model was not changed.")
-        structure = self._parse_saved_structure(structure, weights_file)  # the last check: nothing changed before it
+        nonfinite = [] if allow_nonfinite else nonfinite_names((from_file_key(k), v) for k, v in tensors.items())
+        if nonfinite:
+            raise AdapterLoadError(f"{folder.weights_file} holds NaN or Inf values in {nonfinite[:6]}: it was saved from a "
+                                   "diverged run (save_pretrained(..., allow_nonfinite=True)), and its outputs would be NaN. "
+                                   "Pass allow_nonfinite=True to load it anyway (e.g. to inspect it). The model was not changed.")
+        structure = self._parse_saved_structure(folder.structure, saved, folder.weights_file)  # the last check: nothing changed before it
         with torch.no_grad():
             targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
             for k, v in tensors.items():
@@ -324,24 +255,27 @@ class AdapterIOMixin:
 
     @classmethod
     def from_pretrained(cls, model: torch.nn.Module, path_or_repo_id: str, is_trainable: bool = False,
-                        **hub_kwargs: Any):
-        """Wrap `model` with the adapter saved at `path_or_repo_id` (a directory or a Hub repo id)."""
+                        allow_base_overwrite: bool = False, allow_nonfinite: bool = False, **hub_kwargs: Any):
+        """Wrap `model` with the adapter saved at `path_or_repo_id` (a directory or a Hub repo id).
+
+        The file may replace the base's task heads only; `allow_base_overwrite=True` lets its other `modules_to_save`
+        (e.g. embeddings you trained) overwrite the base's weights. NaN or Inf tensors are refused unless
+        `allow_nonfinite=True`."""
         if isinstance(model, AdapterIOMixin):
             raise AdapterLoadError(f"The model already carries a {type(model).__name__} adapter: pass its base model "
                                    "(model.get_base_model()), or call model.load_adapter(path) to replace its weights.")
-        config_file, weights_file = resolve_adapter_files(path_or_repo_id, **hub_kwargs)
-        config = read_adapter_config(config_file, cls, path_or_repo_id)
-        _, _, signature = read_adapter(weights_file)
-        check_config_pair(config_file, weights_file, path_or_repo_id)
-        check_signature(signature, base_signature(model, config.blocks_path), path_or_repo_id)
+        folder = read_adapter_folder(path_or_repo_id, partial(check_method, cls, path_or_repo_id), **hub_kwargs)
+        config = read_adapter_config(folder, cls)
+        check_signature(folder.signature, base_signature(model, config.blocks_path), path_or_repo_id)
+        check_heads(model, config, folder, allow_base_overwrite)
         trainable = {p: p.requires_grad for p in model.parameters()}
         modes = {m: m.training for m in model.modules()}
         try:
             wrapped = cls(model, config)  # checks the config against the model before it allocates or hooks anything
         except ConfigError as e:
-            raise AdapterLoadError(f"{config_file} does not fit this model: {e} The model was not changed.") from None
+            raise AdapterLoadError(f"{folder.config_file} does not fit this model: {e} The model was not changed.") from None
         try:
-            wrapped.load_adapter(os.path.dirname(weights_file))
+            wrapped.load_adapter(os.path.dirname(folder.weights_file), allow_nonfinite=allow_nonfinite)
         except BaseException:  # leave `model` as it came: no hooks, same trainable flags and modes
             wrapped.unload()
             for p, flag in trainable.items():

@@ -92,6 +92,9 @@ class Structure:
     def _validate_events(self) -> None:
         _require(isinstance(self.events, list) and all(isinstance(e, dict) for e in self.events), "events", self.events,
                  "a list of event records")
+        # M <= L - 1 and N <= L with M + N <= L: no schedule records more (skipped events included).
+        _require(len(self.events) <= self.num_blocks, "events", f"{len(self.events)} records",
+                 f"at most {self.num_blocks}, one per block")
         for i, event in enumerate(self.events):
             where = f"events[{i}]"
             _require(event.get("kind") in ("merge", "inject"), f"{where}.kind", event.get("kind"), "'merge' or 'inject'")
@@ -109,6 +112,32 @@ class Structure:
         _require(injects <= len(self.injected), "events", f"{injects} injects", f"at most the {len(self.injected)} injected blocks")
         _require(merges <= self.num_blocks - len(self.spans) - len(self.injected), "events", f"{merges} merges",
                  f"at most the {self.num_blocks - len(self.spans) - len(self.injected)} merges the spans show")
+
+    def check_replay(self) -> None:
+        """The events, replayed from one connection per block, produce exactly these spans, owners and injected
+        blocks: a saved structure that its own event records could not have produced is refused."""
+        s = Structure.initial(self.num_blocks)
+        for i, event in enumerate(self.events):
+            where, kind = f"events[{i}]", event["kind"]
+            if event.get("skipped"):
+                left = s.merge_candidates() if kind == "merge" else s.inject_candidates()
+                _require(not left, f"{where}.skipped", True, f"only when no {kind} candidate is left (spans then: {s.spans})")
+                continue
+            if kind == "merge":
+                merged, kept = event.get("merged"), event.get("kept_slot")
+                k = next((k for k in s.merge_candidates() if merged == [s.spans[k], s.spans[k + 1]]), None)
+                _require(k is not None, f"{where}.merged", merged, f"two adjacent spans of the structure before it ({s.spans})")
+                _require(_is_int(kept) and kept in (s.owners[k], s.owners[k + 1]), f"{where}.kept_slot", kept,
+                         f"the slot of one of the merged spans ({s.owners[k]} or {s.owners[k + 1]})")
+                _require(event["blocks"] == s.merge(k, kept), f"{where}.blocks", event["blocks"], f"the merged span {s.spans[k]}")
+            else:
+                blocks = event["blocks"]
+                k = next((k for k in s.inject_candidates() if blocks == [s.spans[k][0]]), None)
+                _require(k is not None, f"{where}.blocks", blocks, f"one block of a single-block span before it ({s.spans})")
+                s.inject(k)
+        for name in ("spans", "owners", "injected"):
+            _require(getattr(self, name) == getattr(s, name), name, getattr(self, name),
+                     f"{getattr(s, name)}, what the events replayed produce")
 
     def count(self, kind: str) -> int:
         return sum(1 for e in self.events if e["kind"] == kind)

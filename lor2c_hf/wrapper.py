@@ -51,6 +51,34 @@ def check_modules_to_save(model: nn.Module, names: Optional[list[str]], owner: s
             raise ConfigError(f"{owner}.modules_to_save: {missing} not found in {type(model).__name__}.")
 
 
+def hooking_adapter(model: nn.Module) -> Optional[nn.Module]:
+    """The adapter model whose forward hooks are on `model` or one of its modules, or None."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for hook in hooks.values():
+                owner = getattr(getattr(hook, "func", hook), "__self__", None)
+                if isinstance(owner, AdapterModelMixin):
+                    return owner
+    return None
+
+
+def check_not_adapted(model: nn.Module) -> None:
+    """Refuse a base that already carries an adapter: both would apply, and `disable_adapter()` of the new one would
+    still compute the old one."""
+    if isinstance(model, AdapterModelMixin):
+        raise ConfigError(f"The model is already a {type(model).__name__}; pass its base model (model.get_base_model()), "
+                          "or call model.load_adapter(path) to replace its weights.")
+    owner = hooking_adapter(model)
+    if owner is not None:
+        raise ConfigError(f"This {type(model).__name__} is already adapted by a {type(owner).__name__} (its hooks are on "
+                          "the model): a second adapter would add to the first, and disable_adapter() would not give the "
+                          "bare base. Call .unload() on the first adapter to get the base back, or load into it with "
+                          "load_adapter(path).")
+    if getattr(getattr(model, "config", None), "lor2c_serving", None) is not None:
+        raise ConfigError(f"This {type(model).__name__} already holds LoR2C connections (a merge_and_unload() or exported "
+                          "model); adapt the bare base model instead (unload() gives it back after a merge).")
+
+
 @functools.lru_cache(maxsize=None)
 def _specialized(adapter_class: type, base_class: type) -> type:
     """`adapter_class` with `base_class`'s forward signature (`Trainer` reads it off the class: `find_labels`).
@@ -114,6 +142,7 @@ class AdapterModelMixin(PeftModel):
             self.__class__ = _specialized(generic, type(wrapped))
 
     def _wrap(self, model: nn.Module) -> None:
+        check_not_adapted(model)
         self.model = model  # state_dict keys: `model.<the base's own keys>`, each tensor once
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -376,7 +376,7 @@ def search_mn(model_args: ModelArguments, adapter_args: AdapterArguments, traini
     import optuna
     from lor2c_hf import LoR2CTrainer
     from lor2c_hf.atomic import atomic_write_text
-    from lor2c_hf.config import events_problem
+    from lor2c_hf.config import events_problem, method_of
     from lor2c_hf.extras.mn_heatmap import plot_mn_heatmap
 
     if adapter_args.method != "imlor2c":
@@ -431,7 +431,7 @@ def search_mn(model_args: ModelArguments, adapter_args: AdapterArguments, traini
                         f"N={chosen['num_injects']}", metric=task.best_metric)
     main_print(training_args, f"[glue] --search_mn best: {chosen} ({task.best_metric} {best.objective:.4f}); "
                               f"training with it")
-    return chosen
+    return {**chosen, "method": method_of(False, chosen["num_merges"], chosen["num_injects"])}  # e.g. N = 0: mergelor2c
 
 
 # --- report --------------------------------------------------------------------------------------------------

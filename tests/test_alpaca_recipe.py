@@ -333,7 +333,7 @@ BAD_INPUTS = {
     "negative-max-train-samples": (["--max_train_samples", "-3"], "--max_train_samples -3 must be a positive integer"),
     "negative-epochs": (["--max_steps", "-1", "--num_train_epochs", "-1"], "--num_train_epochs -1.0 must be a positive number"),
     "lora-rank-zero": (["--method", "lora", "--r", "0"], "--method lora: --r 0 must be a positive integer"),
-    "infinite-alpha": (["--lora_alpha", "inf"], "LoR2CConfig.lora_alpha=inf is invalid: expected a finite positive number"),
+    "infinite-alpha": (["--lora_alpha", "inf"], "LoR2CConfig.lora_alpha=inf is invalid: expected a number in (0, 1e+06]"),
 }
 if not BNB_ON_GPU:
     BAD_INPUTS["4bit-without-bitsandbytes-gpu"] = (["--load_in_4bit"], "--load_in_4bit needs")

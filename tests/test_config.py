@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import HfArgumentParser
 
-from lor2c_hf import METHODS, ConfigError, LoR2CConfig, get_lor2c_model
+from lor2c_hf import METHODS, AdapterLoadError, ConfigError, LoR2CConfig, get_lor2c_model
 from lor2c_hf.config import CONFIG_NAME
 from tiny_models import tiny_model
 
@@ -95,11 +95,65 @@ def test_preset_mechanisms(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_preset_overrides_win_and_are_validated(method):
-    config = LoR2CConfig.for_method(method, r=64, lora_alpha=32, lora_dropout=0.05, num_merges=8)
-    assert (config.r, config.lora_alpha, config.lora_dropout, config.num_merges) == (64, 32, 0.05, 8)
+    config = LoR2CConfig.for_method(method, r=64, lora_alpha=32, lora_dropout=0.05)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (64, 32, 0.05)
     assert config.inject_r == 32
+    if method in ("mergelor2c", "imlor2c"):
+        assert LoR2CConfig.for_method(method, num_merges=8).num_merges == 8
     with pytest.raises(ConfigError, match="r="):
         LoR2CConfig.for_method(method, r=0)
+
+
+# --- one source of truth for the method (issue 20, item 1) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_method_name_sets_its_fields(method):
+    """`LoR2CConfig(method=...)` trains that method: the name fills share_a, M and N (it used to be a label only)."""
+    config = LoR2CConfig(method=method)
+    assert (config.share_a, config.num_merges, config.num_injects) == (
+        method == "sharelor2c", 4 * (method in ("mergelor2c", "imlor2c")), 4 * (method in ("injectlor2c", "imlor2c")))
+    assert config == LoR2CConfig.for_method(method)
+    (parsed,) = HfArgumentParser(LoR2CConfig).parse_args_into_dataclasses(args=["--method", method])
+    assert parsed == config  # the run_glue pattern: --method alone trains the method it names
+
+
+@pytest.mark.parametrize("fields,method", [({}, "lor2c"), ({"share_a": True}, "sharelor2c"), ({"num_merges": 2}, "mergelor2c"),
+                                           ({"num_injects": 1}, "injectlor2c"), ({"num_merges": 1, "num_injects": 2}, "imlor2c"),
+                                           ({"share_a": True, "num_merges": 2, "num_injects": 2}, "imlor2c")])
+def test_an_unset_method_follows_from_the_fields(fields, method):
+    assert LoR2CConfig(**fields).method == method
+    assert LoR2CConfig.from_dict(LoR2CConfig(**fields).to_dict()) == LoR2CConfig(**fields)
+
+
+CONTRADICTIONS = [("lor2c", {"num_merges": 2}, "num_merges=2"), ("sharelor2c", {"share_a": False}, "share_a=False"),
+                  ("imlor2c", {"num_merges": 0}, "num_merges=0"), ("mergelor2c", {"num_injects": 1}, "num_injects=1"),
+                  ("injectlor2c", {"num_injects": 0}, "num_injects=0"), ("lor2c", {"share_a": True}, "share_a=True")]
+
+
+@pytest.mark.parametrize("method,fields,named", CONTRADICTIONS, ids=[f"{m}-{n}" for m, _, n in CONTRADICTIONS])
+def test_a_method_that_contradicts_its_fields_is_refused_by_name(method, fields, named):
+    with pytest.raises(ConfigError, match=rf"LoR2CConfig.method='{method}' contradicts .*{named}.*describe"):
+        LoR2CConfig(method=method, **fields)
+    with pytest.raises(ConfigError, match="contradicts"):
+        HfArgumentParser(LoR2CConfig).parse_args_into_dataclasses(
+            args=["--method", method, *[a for k, v in fields.items() for a in (f"--{k}", str(v))]])
+
+
+def test_replace_lets_the_method_follow_new_event_counts():
+    """A search trial changes M and N: the trial's method follows them (and an explicit one is still checked)."""
+    base = LoR2CConfig.for_method("imlor2c", r=4)
+    assert base.replace(num_merges=0, num_injects=0).method == "lor2c"
+    assert base.replace(num_injects=0).method == "mergelor2c"
+    assert base.replace(r=8).method == "imlor2c"
+    with pytest.raises(ConfigError, match="contradicts"):
+        base.replace(method="lor2c", num_merges=1)
+
+
+@pytest.mark.parametrize("name", ["lora_alpha", "inject_alpha"])
+def test_an_alpha_that_would_overflow_the_forward_is_refused(name):
+    with pytest.raises(ConfigError, match=rf"LoR2CConfig.{name}=1e\+308 is invalid: expected a number in \(0, 1e\+06\]"):
+        LoR2CConfig(**{name: 1e308})
 
 
 # --- serialisation -------------------------------------------------------------------------------------------
@@ -130,10 +184,12 @@ def test_json_round_trip_through_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("content, reason", [(b'{"method": "lor2c", "r": 8', "not valid JSON"),
-                                             (b"\xff\xfe{}", "not UTF-8 text"), (b"[1, 2]", "holds a JSON list, not an object")])
+                                             (b"\xff\xfe{}", "not UTF-8 text"), (b"[1, 2]", "holds a JSON list; expected an object"),
+                                             (b"[" * 100_000 + b"]" * 100_000, "nests its JSON more than 16 levels deep"),
+                                             (b'{"r": "8"}', "LoR2CConfig.r='8' is invalid")])
 def test_from_pretrained_names_the_file_and_what_is_wrong_with_it(tmp_path, content, reason):
     (tmp_path / CONFIG_NAME).write_bytes(content)
-    with pytest.raises(ConfigError, match=reason) as failure:
+    with pytest.raises(AdapterLoadError, match=reason) as failure:
         LoR2CConfig.from_pretrained(str(tmp_path))
     assert str(tmp_path / CONFIG_NAME) in str(failure.value)
 
@@ -237,6 +293,7 @@ def test_rank_error_is_a_config_error():
         ({"num_merges": 4}, "num_merges=4"),  # 4 blocks allow at most 3 merges
         ({"num_injects": 5}, "num_injects=5"),
         ({"num_merges": 2, "num_injects": 3}, "num_merges + num_injects"),
+        ({"num_merges": 3, "num_injects": 1}, "num_merges + num_injects = 4 equals"),  # the inject would always be skipped
     ],
 )
 def test_too_many_events_for_the_depth(overrides, fragment):
@@ -247,7 +304,7 @@ def test_too_many_events_for_the_depth(overrides, fragment):
 
 
 def test_events_that_fit_the_depth_are_accepted():
-    model = get_lor2c_model(tiny_model("roberta", num_layers=4), LoR2CConfig(num_merges=3, num_injects=1))
+    model = get_lor2c_model(tiny_model("roberta", num_layers=4), LoR2CConfig(num_merges=2, num_injects=1))
     assert model.num_blocks == 4
 
 

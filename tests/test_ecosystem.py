@@ -193,7 +193,7 @@ def test_an_inject_under_grouped_query_attention_changes_the_count_as_the_readme
 @pytest.fixture(scope="module")
 def saved_causal(tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
-    base_dir = save_tiny_pretrained(str(root / "base"), [s for s, _ in sentences(64)], num_layers=4)
+    base_dir = save_tiny_pretrained(str(root / "base"), [s for s, _ in sentences(64)], num_layers=5)  # M + N = 4 needs 5 blocks
     model = get_lor2c_model(tf.AutoModelForCausalLM.from_pretrained(base_dir), imlor2c())
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -37,7 +37,7 @@ def test_model_init_wraps_reslora_too(tmp_path):
 
 
 def test_hyperparameter_search_sets_adapter_fields_per_trial(tmp_path):
-    config = LoR2CConfig.for_method("imlor2c", r=4, num_merges=0, num_injects=0, schedule="steps")
+    config = LoR2CConfig(r=4, schedule="steps")  # M = N = 0: LoR2C; each trial's method follows its M and N
     trainer = LoR2CTrainer(model_init=fresh_classifier, args=training_args(tmp_path, max_steps=4),
                            train_dataset=cls_data(32), eval_dataset=cls_data(16, seed=1), lor2c_config=config)
     seen = []

@@ -17,7 +17,7 @@ import pytest
 
 from tiny_pretrained import REPO, offline_env, save_tiny_pretrained
 
-NUM_BLOCKS, HIDDEN, RANK = 4, 32, 8  # the tiny model; HParams' default rank
+NUM_BLOCKS, HIDDEN, RANK = 5, 32, 8  # the tiny model (IMLoR2C M = N = 2 needs 5 blocks); HParams' default rank
 METHODS = ("lora", "lor2c", "sharelor2c", "imlor2c", "reslora")
 POSITIVE, NEGATIVE = "good great fun moving lovely".split(), "bad dull boring awful flat".split()
 FILLER = "the a movie film plot is was and".split()

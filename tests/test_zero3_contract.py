@@ -80,7 +80,7 @@ CASES = {
     "lor2c": lambda: lor2c_after_events("lor2c"),
     "sharelor2c": lambda: lor2c_after_events("sharelor2c"),
     "imlor2c after events": lambda: lor2c_after_events("imlor2c", num_merges=2, num_injects=2),
-    "sharelor2c merged": lambda: lor2c_after_events("sharelor2c", num_merges=2),
+    "sharelor2c merged": lambda: lor2c_after_events("mergelor2c", share_a=True, num_merges=2),  # one A, merged spans
     **{f"reslora {flag}": (lambda flag=flag: randomized(get_reslora_model(
         tiny_model("llama", num_layers=6), ResLoRAConfig(r=4, lora_alpha=8, res_flag=flag, pre_num=2))))
        for flag in ("is", "bs", "ms")},

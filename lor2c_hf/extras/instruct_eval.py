@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..adapter_files import read_config_of
 from ..config import CONFIG_NAME
 from ..serialization import ADAPTER_CLASSES, AdapterLoadError, atomic_write_text, load_adapter_model
 
@@ -54,25 +55,8 @@ def require_lm_eval():
 
 
 def read_adapter_config_dict(path_or_repo_id: str, **hub_kwargs: Any) -> dict[str, Any]:
-    """The `adapter_config.json` of a local adapter folder or, failing that, of a Hub repo."""
-    if os.path.isdir(path_or_repo_id):
-        config_file = os.path.join(path_or_repo_id, CONFIG_NAME)
-        if not os.path.isfile(config_file):
-            raise AdapterLoadError(f"{path_or_repo_id} has no {CONFIG_NAME}; pass a folder written by "
-                                   "save_pretrained (lor2c_hf or PEFT) or a Hub repo id.")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            config_file = hf_hub_download(path_or_repo_id, CONFIG_NAME, **hub_kwargs)
-        except Exception as err:
-            raise AdapterLoadError(f"{path_or_repo_id} is not a local folder, and fetching {CONFIG_NAME} from the Hub "
-                                   f"repo of that name failed: {type(err).__name__}: {err}") from err
-    with open(config_file, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise AdapterLoadError(f"{config_file} is not valid JSON: {err}") from err
+    """The `adapter_config.json` of a local adapter folder or, failing that, of a Hub repo (lor2c_hf or PEFT)."""
+    return read_config_of(path_or_repo_id, **hub_kwargs)[1]
 
 
 def adapter_kind(config: dict[str, Any], source: str = "the adapter") -> str:

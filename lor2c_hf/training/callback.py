@@ -27,6 +27,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..distributed import check_process_group
 from ..guards import check_training_step
 from ..model import LoR2CModel
 from ..schedule import due_events, epoch_points, step_points
@@ -74,6 +75,7 @@ class LoR2CCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         self._check_model(model)
+        check_process_group()  # before anything is written into the shared output folder
         pickle_without_tokens(args)  # checkpoints' training_args.bin without the Hub token
         with args.main_process_first(desc="LoR2C: set incomplete checkpoints aside"):
             if args.should_save and args.output_dir:
@@ -89,6 +91,9 @@ class LoR2CCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         self._check_model(model)  # also when the callback came by `add_callback` after the trainer was made
+        if args.max_steps <= 0 and args.num_train_epochs <= 0:  # zero steps: the untrained adapter would be the result
+            raise ValueError(f"Training has no optimizer step: num_train_epochs={args.num_train_epochs}, "
+                             f"max_steps={args.max_steps}; expected num_train_epochs > 0 or max_steps > 0.")
         pickle_without_tokens(args)
         if not hasattr(args, HELD_LIMIT):  # rotation waits for the manifest: see on_save
             setattr(args, HELD_LIMIT, args.save_total_limit)

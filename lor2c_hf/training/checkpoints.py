@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 TRAINER_STATE_NAME = "trainer_state.json"  # what `Trainer` writes into every checkpoint
 
+from ..adapter_files import AdapterLoadError, read_json
 from ..atomic import atomic_write_text
 
 logger = logging.getLogger("lor2c_hf")
@@ -77,12 +78,18 @@ def checkpoint_problem(folder: str) -> Optional[str]:
         return (f"it has no {MANIFEST_NAME}: its save was interrupted (killed or out of disk) before every file was "
                 "written, or it was not written by LoR2CTrainer")
     try:
-        with open(manifest_path, encoding="utf-8") as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        files = read_json(manifest_path, "a checkpoint manifest")["files"]
+    except (AdapterLoadError, KeyError, TypeError) as e:
         return f"its {MANIFEST_NAME} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(files, dict) or TRAINER_STATE_NAME not in files:
+        return f"its {MANIFEST_NAME} lists no {TRAINER_STATE_NAME}; a complete checkpoint lists every file Trainer wrote"
+    root = os.path.realpath(folder)
     for rel, expected in sorted(files.items()):
         path = os.path.join(folder, rel)
+        if os.path.isabs(rel) or os.path.commonpath([root, os.path.realpath(path)]) != root:
+            return f"its {MANIFEST_NAME} names {rel!r}, which is outside the checkpoint folder"
+        if not (isinstance(expected, dict) and isinstance(expected.get("size"), int) and isinstance(expected.get("sha256"), str)):
+            return f"its {MANIFEST_NAME} entry for {rel!r} is {expected!r}; expected {{'size': bytes, 'sha256': hex digest}}"
         if not os.path.isfile(path):
             return f"{rel} is missing"
         if os.path.getsize(path) != expected["size"]:

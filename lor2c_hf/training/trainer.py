@@ -92,7 +92,7 @@ class LoR2CTrainer(Trainer):
                                  f"{sorted(params)} cannot be applied; return the plain transformers model and pass "
                                  "lor2c_config to LoR2CTrainer.")
             return model
-        config = dataclasses.replace(copy.deepcopy(self._init_lor2c_config or LoR2CConfig()), **params)
+        config = copy.deepcopy(self._init_lor2c_config or LoR2CConfig()).replace(**params)
         return get_adapter_model(model, config)
 
     def hyperparameter_search(self, hp_space: Optional[Callable[[Any], dict[str, Any]]] = None, *args: Any,
