@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Se
 import common
 from common import (
     AdapterArguments, ModelArguments, RecipeArgumentParser, RecipeError, RecipeTrainingArguments, check_model_arguments,
-    check_positive, check_ranks_agree, describe_batch, load_data, load_model, load_tokenizer, main_print, perplexity,
+    check_positive, check_ranks_agree, resolve_resume, describe_batch, load_data, load_model, load_tokenizer, main_print, perplexity,
     prepare_training_namespace, require_columns, require_text, run_recipe, unwrap_model, validate_adapter_arguments,
     world_size_from_env, wrap_model,
 )
@@ -188,6 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prepare_training_namespace(namespace)
         if namespace.output_dir is None:
             namespace.output_dir = os.path.join("out", f"alpaca-{'tiny-' if namespace.tiny else ''}{namespace.method}")
+        resolve_resume(namespace)
         if namespace.val_set_size == 0:
             namespace.eval_strategy = "no"
         if namespace.push_to_hub and not namespace.hub_model_id:

@@ -247,10 +247,39 @@ def check_positive(value: Optional[int], flag: str, allow_none: bool = False) ->
         raise RecipeError(f"{flag} {value} must be a positive integer.")
 
 
+def check_learning_rate(namespace: Any) -> None:
+    """torch's optimizer would refuse it only at the first step, after the output folder was made."""
+    lr = namespace.learning_rate
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        raise RecipeError(f"--learning_rate {lr} must be a finite positive number (the papers use 1e-4 to 5e-3).")
+
+
+def resolve_resume(namespace: Any) -> None:
+    """`--resume_from_checkpoint True` means the newest checkpoint in --output_dir (the command line gives the
+    string 'True'; `Trainer.train` wants the boolean); a path must be a folder. Checked once --output_dir is known."""
+    value = namespace.resume_from_checkpoint
+    if value is None or value is True:
+        return
+    flag = f"--resume_from_checkpoint {value}"
+    if str(value).lower() in ("false", "no", "0", ""):
+        namespace.resume_from_checkpoint = None
+    elif str(value).lower() in ("true", "yes", "1"):
+        out = namespace.output_dir
+        found = os.path.isdir(out) and any(n.startswith("checkpoint-") for n in os.listdir(out))
+        if not found:
+            raise RecipeError(f"{flag}: {out} has no checkpoint-* folder to resume from; pass --output_dir of the "
+                              "interrupted run, or a checkpoint folder.")
+        namespace.resume_from_checkpoint = True
+    elif not os.path.isdir(value):
+        raise RecipeError(f"{flag}: no such folder; pass a checkpoint-* folder of an earlier run, or True for the "
+                          "newest one in --output_dir.")
+
+
 def prepare_training_namespace(namespace: Any) -> None:
     """Derive what `TrainingArguments` must see at construction: the accumulation for the global batch, and
     CPU processes (gloo) when a launcher started several processes on a machine without CUDA."""
     check_training_length(namespace)
+    check_learning_rate(namespace)
     derive_gradient_accumulation(namespace)
     if world_size_from_env() > 1 and not torch.cuda.is_available():
         namespace.use_cpu = True

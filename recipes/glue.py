@@ -29,7 +29,7 @@ from transformers import (
 
 from common import (
     AdapterArguments, GlueTrainingArguments, ModelArguments, RecipeArgumentParser, RecipeError, check_model_arguments,
-    check_positive, check_ranks_agree, describe_batch, draw_structure, hub_error, load_model, load_tokenizer,
+    check_positive, check_ranks_agree, resolve_resume, describe_batch, draw_structure, hub_error, load_model, load_tokenizer,
     lor2c_config_from, main_print, one_line, prepare_training_namespace, run_recipe, unwrap_model,
     validate_adapter_arguments, wrap_model,
 )
@@ -340,13 +340,16 @@ def build_trainer(trainer_class: type, model: Optional[torch.nn.Module], trainin
 def load_saved_adapter(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, type, str]:
     """(model with the adapter saved at `path`, Trainer class for it, method): PEFT LoRA or a lor2c_hf adapter."""
     import lor2c_hf
+    from lor2c_hf.adapter_files import read_config_data
 
     config_file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_file):
         raise RecipeError(f"--adapter {path}: no adapter_config.json there; pass a folder written by this recipe "
                           "(its --output_dir) or by save_pretrained.")
-    with open(config_file, encoding="utf-8") as f:
-        saved = json.load(f)
+    try:
+        saved = read_config_data(config_file)
+    except lor2c_hf.AdapterLoadError as err:
+        raise RecipeError(f"--adapter {path}: {one_line(err)[:400]}") from None
     try:
         if saved.get("peft_type") == "LORA":
             from peft import PeftModel
@@ -514,6 +517,7 @@ def parse_arguments(argv: Optional[Sequence[str]], defaults: dict[str, Any], pro
         prepare_training_namespace(namespace)
         if namespace.output_dir is None:
             namespace.output_dir = os.path.join("out", f"glue_{task.name}_{namespace.method}")
+        resolve_resume(namespace)
         if namespace.metric_for_best_model is None:
             namespace.metric_for_best_model = task.best_metric
         if namespace.eval_only:

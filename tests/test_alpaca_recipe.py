@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
 import types
 
@@ -334,6 +335,8 @@ BAD_INPUTS = {
     "negative-epochs": (["--max_steps", "-1", "--num_train_epochs", "-1"], "--num_train_epochs -1.0 must be a positive number"),
     "lora-rank-zero": (["--method", "lora", "--r", "0"], "--method lora: --r 0 must be a positive integer"),
     "infinite-alpha": (["--lora_alpha", "inf"], "LoR2CConfig.lora_alpha=inf is invalid: expected a number in (0, 1e+06]"),
+    "negative-learning-rate": (["--learning_rate", "-1"], "--learning_rate -1.0 must be a finite positive number"),
+    "resume-without-checkpoints": (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: {out} has no checkpoint-* folder"),
 }
 if not BNB_ON_GPU:
     BAD_INPUTS["4bit-without-bitsandbytes-gpu"] = (["--load_in_4bit"], "--load_in_4bit needs")
@@ -348,7 +351,7 @@ def test_bad_input_is_one_line_before_training(workdir, wrong_columns, typo_conf
     rc = run_recipe(alpaca.main, tiny_args(workdir, str(out), "lor2c") + extra, prog="alpaca.py")
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alpaca.py: error:")]
     assert rc == 2 and len(errors) == 1, errors
-    assert expected in errors[0]
+    assert expected.format(out=out) in errors[0]
     assert not out.exists(), "nothing may be written before the error"
 
 
@@ -376,3 +379,25 @@ def test_recipe_error_is_raised_not_swallowed_by_main(workdir):
     """`main` raises RecipeError itself (the one-line printing is run_recipe's job), so callers can catch it."""
     with pytest.raises(RecipeError, match="unknown"):
         alpaca.main(tiny_args(workdir, str(workdir / "raise"), "nope"))
+
+
+def test_resume_from_checkpoint_true_on_the_command_line_resumes_exactly(workdir, tmp_path, caplog):
+    """`--resume_from_checkpoint True` (the string 'True' on a command line) resumes from the newest checkpoint in
+    --output_dir: with the last checkpoint and the final adapter removed, the resumed run ends where the whole run did."""
+    out = str(tmp_path / "run")
+    argv = tiny_args(workdir, out, "imlor2c") + ["--save_strategy", "steps", "--save_steps", "4", "--max_new_tokens", "1"]
+    assert run_recipe(alpaca.main, argv, prog="alpaca.py") == 0
+    whole = load_file(os.path.join(out, "adapter_model.safetensors"))
+    steps = [e["step"] for e in reload_adapter(str(workdir / "model"), out).structure["events"]]
+    for name in glob.glob(os.path.join(out, "checkpoint-8")) + glob.glob(os.path.join(out, "adapter_*")):
+        shutil.rmtree(name) if os.path.isdir(name) else os.remove(name)
+    assert sorted(os.listdir(out)).count("checkpoint-4") == 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lor2c_hf"):
+        assert run_recipe(alpaca.main, argv + ["--resume_from_checkpoint", "True"], prog="alpaca.py") == 0
+    logged = [r.getMessage() for r in caplog.records if " merge: " in r.getMessage() or " inject: " in r.getMessage()]
+    assert min(steps) <= 4 and len(logged) == sum(step > 4 for step in steps)  # events before checkpoint-4 came from it
+    resumed = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)

@@ -395,6 +395,10 @@ def bad_files(workdir):
     write_lines(bad / "SST-2-empty" / "train.tsv", [])
     write_lines(bad / "SST-2-empty" / "dev.tsv", tsv_lines("sst2", ROWS["sst2"]["dev"]))
     (bad / "not-an-adapter").mkdir()
+    for name, text in {"adapter-not-json": '{"method": "lor2c", ', "adapter-list": '["lor2c"]',
+                       "adapter-deep": "[" * 5000 + "]" * 5000}.items():
+        (bad / name).mkdir()
+        (bad / name / "adapter_config.json").write_text(text)
     return bad
 
 
@@ -422,6 +426,13 @@ BAD_INPUTS = {
     "metric-the-task-lacks": ("sst2", ["--metric_for_best_model", "f1"], "--metric_for_best_model 'f1' is not reported for sst2: expected one of loss, accuracy"),
     "negative-epochs": ("sst2", ["--num_train_epochs", "-2"], "--num_train_epochs -2.0 must be a positive number"),
     "lora-rank-zero": ("sst2", ["--method", "lora", "--r", "0"], "--method lora: --r 0 must be a positive integer"),
+    "negative-learning-rate": ("sst2", ["--learning_rate", "-1"], "--learning_rate -1.0 must be a finite positive number"),
+    "nan-learning-rate": ("sst2", ["--learning_rate", "nan"], "--learning_rate nan must be a finite positive number"),
+    "resume-without-checkpoints": ("sst2", ["--resume_from_checkpoint", "True"], "--resume_from_checkpoint True: {out} has no checkpoint-* folder to resume from"),
+    "resume-missing-folder": ("sst2", ["--resume_from_checkpoint", "/nonexistent/checkpoint-4"], "--resume_from_checkpoint /nonexistent/checkpoint-4: no such folder"),
+    "adapter-config-not-json": ("sst2", ["--eval_only", "--adapter", "{bad}/adapter-not-json"], "adapter_config.json is not valid JSON"),
+    "adapter-config-a-list": ("sst2", ["--eval_only", "--adapter", "{bad}/adapter-list"], "adapter_config.json holds a JSON list; expected an object"),
+    "adapter-config-too-deep": ("sst2", ["--eval_only", "--adapter", "{bad}/adapter-deep"], "nests its JSON more than"),
 }
 
 
@@ -433,7 +444,7 @@ def test_bad_input_is_one_line_before_training(workdir, bad_files, capsys, case)
     rc = run_recipe(glue.main, tiny_args(workdir, task, "lor2c", str(out)) + extra, prog="glue.py")
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glue.py: error:")]
     assert rc == 2 and len(errors) == 1, errors
-    assert expected in errors[0]
+    assert expected.format(out=out) in errors[0]
     assert not out.exists(), "nothing may be written before the error"
 
 
