@@ -33,9 +33,11 @@ class _AutoAdapterModel:
 
     @classmethod
     def from_pretrained(cls, adapter_name_or_path: str, is_trainable: bool = False,
-                        base_model_name_or_path: Optional[str] = None, **kwargs: Any) -> torch.nn.Module:
+                        base_model_name_or_path: Optional[str] = None, allow_base_overwrite: bool = False,
+                        allow_nonfinite: bool = False, **kwargs: Any) -> torch.nn.Module:
         """`kwargs` go to the base's `from_pretrained` (`dtype`, `num_labels`, `device_map`, ...); `revision`,
-        `token`, `cache_dir`, `force_download` and `local_files_only` also to the adapter's download."""
+        `token`, `cache_dir`, `force_download` and `local_files_only` also to the adapter's download. The `allow_*`
+        opt-ins are the adapter's `from_pretrained`'s."""
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         config_file, saved = read_config_of(adapter_name_or_path, **hub_kwargs)
         base_id = base_model_name_or_path or saved.get("base_model_name_or_path")
@@ -47,7 +49,8 @@ class _AutoAdapterModel:
                                    "(base_model_name_or_path is empty): pass base_model_name_or_path=..., or load the "
                                    "base yourself and call lor2c_hf.load_adapter_model(base_model, path).")
         base = cls.auto_class.from_pretrained(base_id, **kwargs)
-        return load_adapter_model(base, adapter_name_or_path, is_trainable=is_trainable, **hub_kwargs)
+        return load_adapter_model(base, adapter_name_or_path, is_trainable=is_trainable,
+                                  allow_base_overwrite=allow_base_overwrite, allow_nonfinite=allow_nonfinite, **hub_kwargs)
 
 
 def _auto_class(name: str, auto_class: type) -> type:

@@ -58,6 +58,13 @@ def test_a_nonfinite_adapter_is_refused_on_load(tmp_path, trained, is_trainable)
     _assert_unchanged(target, before)
     loaded = LoR2CModel.from_pretrained(_base("roberta", "cls"), str(tmp_path), allow_nonfinite=True)  # on request
     assert _outputs(loaded).isnan().any()
+    base_dir = tmp_path / "base"
+    _base("roberta", "cls").save_pretrained(base_dir)
+    with pytest.raises(AdapterLoadError, match="NaN or Inf"):  # the Auto classes refuse it too, and forward the opt-in
+        AutoLoR2CModelForSequenceClassification.from_pretrained(str(tmp_path), base_model_name_or_path=str(base_dir))
+    auto = AutoLoR2CModelForSequenceClassification.from_pretrained(str(tmp_path), base_model_name_or_path=str(base_dir),
+                                                                   allow_nonfinite=True)
+    assert _outputs(auto).isnan().any()
 
 
 # --- item 5: resuming under a changed config -----------------------------------------------------------------
