@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -111,3 +114,44 @@ def print_targets(targets: list[dict]) -> None:
     for c in targets:
         verdict = "met" if c["met"] else f"MISSED by {c['miss_by']:.3f}"
         print(f"  {c['what']:42s} {c['value']:.3f} (target {c['target']}): {verdict}")
+
+
+RECORD_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "lor2c-hf")
+
+
+def git_state(repo: str) -> dict[str, Optional[object]]:
+    """The checkout's commit and whether tracked files differ from it (None outside a git checkout)."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, check=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if changes is None else bool(changes)}
+
+
+def files_sha256(paths: Sequence[str]) -> str:
+    """One SHA-256 over the files' names and bytes, in the given order: the data a run read."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_record(repo: str, data_files: Sequence[str]) -> dict:
+    """What reproduces a run: code commit (dirty or not), package versions, thread count, data checksum, command."""
+    versions = {}
+    for package in RECORD_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {**git_state(repo), "versions": versions, "threads": torch.get_num_threads(),
+            "data_sha256": files_sha256(data_files),
+            "command": [os.path.relpath(sys.argv[0], repo) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]}

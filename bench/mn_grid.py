@@ -84,7 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_ds, eval_ds = quality.load_sst2(data_dir, tokenizer, hp.max_length, args.train_size, args.eval_size)
     name = args.name or ("mn_grid_smoke" if args.smoke else "mn_grid")
     json_path = os.path.join(args.output_dir, f"{name}.json")
-    data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv"}
+    data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv",
+            "sha256": quality.bench_utils.files_sha256(quality.data_files(data_dir))}
+    record = quality.bench_utils.run_record(quality.REPO, quality.data_files(data_dir))
     payload = quality.resumed_payload(json_path, False, hp, data) or {"runs": {}}
     payload.update({"benchmark": "mn_grid", "smoke": args.smoke, "machine": quality.machine(),
                     "model": quality.model_label(model_dir), "data": data, "hyperparameters": dataclasses.asdict(hp),
@@ -100,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     continue  # more events than the blocks allow (LoR2CConfig refuses them)
                 run = quality.run_one("imlor2c", args.seed, dataclasses.replace(hp, num_merges=m, num_injects=n),
                                       model_dir, tokenizer, train_ds, eval_ds, work_dir)
-                runs[key(m, n)] = {"M": m, "N": n, **run}
+                runs[key(m, n)] = {"M": m, "N": n, **run, "record": record}
                 quality.write_json(json_path, payload)
                 if not args.no_png:  # the picture so far, so an interrupted grid still shows its cells
                     draw(runs, hp, args, model_dir, os.path.join(args.output_dir, f"{name}.png"))

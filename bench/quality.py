@@ -523,11 +523,29 @@ def budget(hp: HParams) -> str:
     return f"{hp.epochs:g} epochs" if hp.epochs else f"{hp.max_steps} steps"
 
 
-def _same_data(data: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """What must agree for runs to continue: the rows and the data folder's name (a checkout may move)."""
-    data = dict(data or {})
-    data["dir"] = os.path.basename(os.path.normpath(data.get("dir", "")))
-    return data
+def data_files(data_dir: str) -> list[str]:
+    return [os.path.join(data_dir, "train.tsv"), os.path.join(data_dir, "dev.tsv")]
+
+
+def _same_data(data: Optional[dict[str, Any]], other: Optional[dict[str, Any]]) -> bool:
+    """Runs may continue or be combined on the same rows of the same folder name (a checkout may move) and, where
+    both files record it (older ones do not), the same data checksum."""
+    a, b = dict(data or {}), dict(other or {})
+    for d in (a, b):
+        d["dir"] = os.path.basename(os.path.normpath(d.get("dir", "")))
+    if not (a.get("sha256") and b.get("sha256")):
+        a.pop("sha256", None), b.pop("sha256", None)
+    return a == b
+
+
+def code_commits(runs: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many runs each code commit produced ('unrecorded' for runs from before the record; '+dirty' marked)."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        record = run.get("record") or {}
+        name = (record.get("commit") or "unrecorded")[:12] + ("+dirty" if record.get("dirty") else "")
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def resumed_payload(path: str, fresh: bool, hp: HParams, data: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -539,8 +557,11 @@ def resumed_payload(path: str, fresh: bool, hp: HParams, data: dict[str, Any]) -
         return None
     payload = read_json(path)
     defaults = dataclasses.asdict(HParams())  # a field added since the file was written had its default there
-    if {**defaults, **payload.get("hyperparameters", {})} != dataclasses.asdict(hp) or _same_data(payload.get("data")) != _same_data(data):
-        raise BenchError(f"{path} holds runs with other hyper-parameters or data; pass --fresh to replace it or "
+    saved_hp = {**defaults, **payload.get("hyperparameters", {})}
+    if saved_hp != dataclasses.asdict(hp) or not _same_data(payload.get("data"), data):
+        differ = [k for k, v in dataclasses.asdict(hp).items() if saved_hp.get(k) != v]
+        what = f"hyper-parameters {differ}" if differ else f"data ({payload.get('data')} there, {data} here)"
+        raise BenchError(f"{path} holds runs with other {what}; pass --fresh to replace it or "
                          "--name to write another file.")
     return payload
 
@@ -567,6 +588,10 @@ def combine_runs(payload: dict[str, Any], paths: Sequence[str], hp: HParams, dat
         payload["seeds"] = sorted(set(payload["seeds"]) | {r["seed"] for r in other["runs"]})
         payload["wall_seconds"] = round(payload.get("wall_seconds", 0) + seconds, 1)
         print(f"quality: added {added} run(s) from {path}", flush=True)
+    commits = code_commits(payload["runs"])
+    if len(commits) > 1:
+        print(f"quality: note: the combined runs come from {len(commits)} code states: "
+              + ", ".join(f"{c} ({n} run(s))" for c, n in commits.items()), flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -626,7 +651,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_ds, eval_ds = load_sst2(data_dir, tokenizer, hp.max_length, args.train_size, args.eval_size)
     name = args.name or ("quality_smoke" if args.smoke else preset.get("name", "quality"))
     json_path = os.path.join(args.output_dir, f"{name}.json")
-    data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv"}
+    data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv",
+            "sha256": bench_utils.files_sha256(data_files(data_dir))}
+    record = bench_utils.run_record(REPO, data_files(data_dir))
     payload = resumed_payload(json_path, args.fresh, hp, data) or {"runs": []}
     earlier = payload.get("methods", [])  # the file's order first, so tables keep their rows where they were
     payload.update({
@@ -652,6 +679,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if (method, seed) in done:
                     continue
                 run = run_one(method, seed, hp, model_dir, tokenizer, train_ds, eval_ds, work_dir)
+                run["record"] = record
                 payload["runs"].append(run)
                 print(f"  seed {seed} {method:11s} accuracy {100 * run['accuracy']:.2f}%  adapter params "
                       f"{run['adapter_params']:,d}  {run['seconds']:.0f}s", flush=True)
@@ -659,6 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 payload["wall_seconds"] = round(payload.get("wall_seconds", 0) + run["seconds"], 1)
                 write_json(json_path, payload)
     payload["summary"] = summarize(payload["runs"], payload["methods"])
+    payload["code_commits"] = code_commits(payload["runs"])
     verdict = lor2c_verdict(payload["summary"])
     payload["verdict"] = verdict
     payload["imlor2c_verdicts"] = imlor2c_verdicts(payload["summary"])

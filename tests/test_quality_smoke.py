@@ -96,6 +96,45 @@ def test_quality_smoke_json(workspace):
     assert verdict["gap_points"] == pytest.approx(gap) and verdict["matches"] == (gap >= -verdict["tolerance_points"])
     assert verdict["text"] in result.stdout and ("MATCHES" in verdict["text"]) == verdict["matches"]
 
+    # Each run records what reproduces it, checked against git, the package metadata and the files themselves.
+    import hashlib
+    import importlib.metadata
+
+    digest = hashlib.sha256()
+    for name in ("train.tsv", "dev.tsv"):
+        digest.update(name.encode() + b"\0" + open(os.path.join(data, name), "rb").read())
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert payload["data"]["sha256"] == digest.hexdigest()
+    for run in payload["runs"]:
+        record = run["record"]
+        assert record["commit"] == (head or None) and isinstance(record["dirty"], bool) == bool(head)
+        assert record["versions"]["peft"] == importlib.metadata.version("peft")
+        assert record["versions"]["datasets"] == importlib.metadata.version("datasets")
+        assert record["threads"] == 1 and record["data_sha256"] == digest.hexdigest()
+        assert record["command"][0] == os.path.join("bench", "quality.py") and "--seeds" in record["command"]
+
+
+def test_combine_refuses_other_data_and_names_differing_commits(workspace, tmp_path, capsys):
+    quality = _bench_module("quality")
+    root, data, _ = workspace
+    mine = json.loads((root / "out" / "quality_smoke.json").read_text())  # written by test_quality_smoke_json
+    hp = quality.HParams(**mine["hyperparameters"])
+    other = dict(mine, runs=[dict(r, seed=r["seed"] + 10, record=dict(r["record"], commit="0" * 40))
+                             for r in mine["runs"]])
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(other))
+    payload = json.loads(json.dumps(mine))
+    quality.combine_runs(payload, [str(path)], hp, mine["data"])
+    assert len(payload["runs"]) == 2 * len(mine["runs"])
+    note = [line for line in capsys.readouterr().out.splitlines() if "code states" in line]
+    assert note and all(f"{c} (" in note[0] for c in quality.code_commits(payload["runs"])) and "000000000000" in note[0]
+    path.write_text(json.dumps(dict(other, data=dict(mine["data"], sha256="f" * 64))))
+    with pytest.raises(quality.BenchError, match="other data"):
+        quality.combine_runs(json.loads(json.dumps(mine)), [str(path)], hp, mine["data"])
+    path.write_text(json.dumps(dict(other, hyperparameters=dict(mine["hyperparameters"], learning_rate=1.0))))
+    with pytest.raises(quality.BenchError, match=r"other hyper-parameters \['learning_rate'\]"):
+        quality.combine_runs(json.loads(json.dumps(mine)), [str(path)], hp, mine["data"])
+
 
 def test_grad_flow_smoke_csv_and_json(workspace):
     root, data, model = workspace
