@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -153,13 +154,16 @@ def read_glue_tsv(path: str) -> tuple[list[str], list[int]]:
     return sentences, labels
 
 
-def tokenized_split(tokenizer: Any, path: str, max_length: int, limit: Optional[int] = None):
-    """A `datasets.Dataset` with the model inputs and `labels` of one TSV file (its first `limit` rows)."""
+def tokenized_split(tokenizer: Any, path: str, max_length: int, limit: Optional[int] = None, start: int = 0):
+    """A `datasets.Dataset` with the model inputs and `labels` of one TSV file (`limit` rows from row `start`)."""
     import datasets
 
     sentences, labels = read_glue_tsv(path)
-    if limit is not None:
-        sentences, labels = sentences[:limit], labels[:limit]
+    end = None if limit is None else start + limit
+    if start or limit is not None:
+        if end is not None and end > len(sentences):
+            raise BenchError(f"{path} has {len(sentences)} rows; rows {start}..{end - 1} were asked for.")
+        sentences, labels = sentences[start:end], labels[start:end]
     encoded = tokenizer(sentences, truncation=True, max_length=max_length)
     return datasets.Dataset.from_dict({**encoded, "labels": labels})
 
@@ -180,17 +184,36 @@ def load_classifier(model_dir: str, seed: int, num_labels: int = 2) -> torch.nn.
     return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
 
 
-def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
-    """(method, HParams overrides) of a method name, or of `<method>:<criterion>/<keep>` (a merge rule)."""
-    method, _, rule = variant.partition(":")
+def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
+    """(method, HParams overrides) of `<method>[:<criterion>/<keep>][@<field>=<value>...]`: a merge rule and any
+    HParams fields for this method alone, e.g. `lora@r=4`, `lor2c@r=16@learning_rate=1e-3` (equal-budget rows and
+    per-method learning rates in one table; `@`, since `--methods` is comma-separated)."""
+    name, *fields = variant.split("@")
+    method, _, rule = name.partition(":")
     if method not in KNOWN_METHODS:
         raise BenchError(f"--methods: unknown method {method!r} in {variant!r}; expected any of {KNOWN_METHODS}.")
-    if not rule:
-        return method, {}
-    criterion, _, keep = rule.partition("/")
-    if criterion not in RULES or keep not in RULES:
-        raise BenchError(f"--methods {variant!r}: expected <method>:<criterion>/<keep>, each one of {RULES}.")
-    return method, {"merge_criterion": criterion, "merge_keep": keep}
+    overrides: dict[str, Any] = {}
+    if rule:
+        criterion, _, keep = rule.partition("/")
+        if criterion not in RULES or keep not in RULES:
+            raise BenchError(f"--methods {variant!r}: expected <method>:<criterion>/<keep>, each one of {RULES}.")
+        overrides.update(merge_criterion=criterion, merge_keep=keep)
+    kinds = {f.name: {"int": int, "float": float, "str": str}[f.type] for f in dataclasses.fields(HParams)}
+    for item in fields:
+        key, _, value = item.partition("=")
+        if key not in kinds or not value:
+            raise BenchError(f"--methods {variant!r}: {item!r} is not <field>=<value> of an HParams field "
+                             f"({', '.join(kinds)}).")
+        try:
+            overrides[key] = kinds[key](value)
+        except ValueError:
+            raise BenchError(f"--methods {variant!r}: {key}={value!r} is not a {kinds[key].__name__}.") from None
+    return method, overrides
+
+
+def method_of(variant: str) -> str:
+    """The method of a variant name: `imlor2c:official/paper@r=16` -> imlor2c."""
+    return re.split("[:@]", variant, maxsplit=1)[0]
 
 
 def variant_hparams(variant: str, hp: HParams) -> tuple[str, HParams]:
@@ -367,8 +390,8 @@ def imlor2c_verdicts(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     """IMLoR2C >= LoR2C? One verdict per IMLoR2C variant (merge rule) that ran."""
     verdicts = {}
     for name in summary:
-        if name.split(":")[0] == "imlor2c":
-            rule = summary[name].get("merge_rule") or name.partition(":")[2]
+        if method_of(name) == "imlor2c":
+            rule = summary[name].get("merge_rule") or name.partition(":")[2].partition("@")[0]
             verdict = compare(summary, name, "lor2c", f"IMLoR2C ({rule})", "LoR2C")
             if verdict:
                 verdicts[name] = verdict
@@ -407,14 +430,14 @@ def plot(summary: dict[str, dict[str, Any]], path: str, title: str,
     std = {m: summary[m]["accuracy_std"] or 0.0 for m in names}
     seeds = sorted({summary[m]["n_seeds"] for m in names})
     spread = f"mean ± std over {'/'.join(map(str, seeds))} seed(s)"
-    main = [m for m in names if m.partition(":")[0] not in ("mergelor2c", "imlor2c") or "(the default)" in label[m]]
+    main = [m for m in names if method_of(m) not in ("mergelor2c", "imlor2c") or "(the default)" in label[m]]
     height = 4.2 + 0.3 * len(names)
     with png_figure(path, "quality.plot", nrows=2, figsize=(10.5, height),
                     gridspec_kw={"height_ratios": [4.2, 0.3 * len(names) + 0.6]}) as (fig, (scatter, bars)):
         from matplotlib.ticker import FuncFormatter
 
         for group, color, marker in ((PEERS, "#c05621", "s"), (None, "#2b6cb0", "o")):
-            chosen = [m for m in main if (m.partition(":")[0] in PEERS) == (group is not None)]
+            chosen = [m for m in main if (method_of(m) in PEERS) == (group is not None)]
             scatter.errorbar([summary[m]["adapter_params"] for m in chosen], [summary[m]["accuracy_mean"] for m in chosen],
                              yerr=[std[m] for m in chosen], fmt=marker, color=color, capsize=4,
                              label="LoRA-sized (LoRA, ResLoRA)" if group else "LoR2C family")
@@ -438,7 +461,7 @@ def plot(summary: dict[str, dict[str, Any]], path: str, title: str,
         scatter.set_title("accuracy against parameters (each method at its default merge rule)", fontsize=9)
 
         y = range(len(names))
-        colors = ["#c05621" if m.partition(":")[0] in PEERS else "#2b6cb0" for m in names]
+        colors = ["#c05621" if method_of(m) in PEERS else "#2b6cb0" for m in names]
         bars.barh(list(y), [summary[m]["accuracy_mean"] - CHANCE for m in names], left=CHANCE,
                   xerr=[std[m] for m in names], color=colors, capsize=3, height=0.6)
         bars.set_yticks(list(y), [f"{label[m]} ({summary[m]['adapter_params']:,d})" for m in names], fontsize=7)
@@ -594,6 +617,23 @@ def combine_runs(payload: dict[str, Any], paths: Sequence[str], hp: HParams, dat
               + ", ".join(f"{c} ({n} run(s))" for c, n in commits.items()), flush=True)
 
 
+def validation_slice(text: Optional[str], train_size: Optional[int]) -> Optional[tuple[int, int]]:
+    """(start, end) of `--validation_rows START:END`, which must lie past the training rows."""
+    if not text:
+        return None
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise BenchError(f"--validation_rows {text!r}: expected START:END, e.g. 1000:1872.") from None
+    if not 0 <= start < end:
+        raise BenchError(f"--validation_rows {text!r}: expected 0 <= START < END.")
+    if train_size is None or start < train_size:
+        reach = f"rows 0..{train_size - 1}" if train_size else "all rows (no --train_size)"
+        raise BenchError(f"--validation_rows {text!r} overlaps the training rows, {reach}; pass --train_size (or "
+                         "--preset long: 1,000 rows) and a START at or past it.")
+    return start, end
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
@@ -608,6 +648,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                         help="Train nothing: add the runs of these JSON files (same hyper-parameters and data) that the "
                         "output file lacks, then rewrite its summary, verdicts and PNG.")
+    parser.add_argument("--validation_rows", default=None, metavar="START:END",
+                        help="Score on rows START..END-1 of train.tsv (a validation slice the training rows do not "
+                        "reach) instead of dev.tsv: for choosing settings without touching the reported dev set.")
     parser.add_argument("--smoke", action="store_true", help="A few steps on little data: checks the script, measures nothing.")
     parser.add_argument("--fresh", action="store_true", help="Start over instead of continuing the runs already in the JSON.")
     parser.add_argument("--no_png", action="store_true")
@@ -647,11 +690,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unavailable = {"reslora": why for why in [reslora_unavailable()] if why and "reslora" in methods}
     methods = [m for m in methods if m not in unavailable]
 
+    validation = validation_slice(args.validation_rows, args.train_size)
     model_dir, data_dir, tokenizer = prepare(args)
     train_ds, eval_ds = load_sst2(data_dir, tokenizer, hp.max_length, args.train_size, args.eval_size)
+    metric = "accuracy on dev.tsv"
+    if validation:
+        start, end = validation
+        eval_ds = tokenized_split(tokenizer, os.path.join(data_dir, "train.tsv"), hp.max_length, end - start, start)
+        metric = f"accuracy on train.tsv rows {start}..{end - 1} (a validation slice; dev.tsv untouched)"
     name = args.name or ("quality_smoke" if args.smoke else preset.get("name", "quality"))
     json_path = os.path.join(args.output_dir, f"{name}.json")
-    data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv",
+    data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": metric,
             "sha256": bench_utils.files_sha256(data_files(data_dir))}
     record = bench_utils.run_record(REPO, data_files(data_dir))
     payload = resumed_payload(json_path, args.fresh, hp, data) or {"runs": []}

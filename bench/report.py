@@ -46,8 +46,13 @@ def rate(value: float) -> str:
 
 def label(name: str, entry: dict[str, Any], hp: dict[str, Any]) -> str:
     """A reader's name for a method or merge-rule variant: `imlor2c:official/paper` -> IMLoR2C, code's pair, ..."""
-    method = name.partition(":")[0]
+    method, *fields = name.split("@")
+    method = method.partition(":")[0]
     text = BASE_LABELS.get(method, method)
+    if fields:  # a variant's own hyper-parameters: lora@r=4@learning_rate=0.001 -> LoRA [r=4, lr 1e-3]
+        shown = [f"lr {rate(float(v))}" if k == "learning_rate" else f"{k}={v}"
+                 for k, _, v in (item.partition("=") for item in fields)]
+        text += f" [{', '.join(shown)}]"
     if method == "mergelor2c":
         text += f" (M={hp['num_merges']})"
     if method == "injectlor2c":

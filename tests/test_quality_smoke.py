@@ -190,3 +190,57 @@ def test_glue_tsv_reader_and_its_errors(tmp_path):
         quality.read_glue_tsv(str(path))
     with pytest.raises(quality.BenchError, match="--data_dir.*does not exist"):
         quality.read_glue_tsv(str(tmp_path / "missing" / "dev.tsv"))
+
+
+def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdicts(workspace):
+    """bench/tune.py, every stage: the grid is scored on train.tsv rows the training never reads (not on dev), each
+    method's rate is the grid's best there, the final table runs each method at its rate, and the verdicts compare
+    the equal-parameter pairs."""
+    root, data, model = workspace
+    out = root / "tune"
+    command = [sys.executable, os.path.join(REPO, "bench", "tune.py"), "--smoke", "--model_dir", model, "--data_dir", data,
+               "--output_dir", str(out), "--threads", "1", "--learning_rates", "1e-3,5e-3", "--validation_rows", "64:80",
+               "--seeds", "2"]
+    result = subprocess.run(command, cwd=REPO, env=offline_env(str(root)), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    search = json.loads((out / "tune_smoke_search.json").read_text())
+    assert search["data"]["eval_rows"] == 16 and "train.tsv rows 64..79" in search["data"]["metric"]
+    assert len(search["runs"]) == 12 and {r["seed"] for r in search["runs"]} == {0}
+    choice = json.loads((out / "tune_smoke_choice.json").read_text())["choice"]
+    for base, c in choice.items():
+        grid = {rate: 100 * r["accuracy"] for r in search["runs"] for rate in ("0.001", "0.005")
+                if r["method"] == f"{TUNE_ROWS[base]}@learning_rate={rate}"}
+        assert len(grid) == 2
+        assert c["grid"] == pytest.approx(grid) and c["validation_accuracy"] == max(grid.values())
+        assert c["at_edge"]  # a two-point grid: the best is always at an edge, and said so
+    final = json.loads((out / "tune_smoke_final.json").read_text())
+    assert final["data"]["metric"] == "accuracy on dev.tsv" and final["data"]["eval_rows"] == 32
+    assert {r["method"] for r in final["runs"]} == {f"{s}@learning_rate={choice[b]['learning_rate']:g}"
+                                                    for b, s in TUNE_ROWS.items()}
+    assert {r["seed"] for r in final["runs"]} == {0, 1}
+    params = {r["method"].split("learning_rate")[0]: r["adapter_params"] for r in final["runs"]}
+    assert params["lor2c@r=16@"] == params["lora@"] and params["lora@r=4@"] == params["lor2c@"]  # the equal budgets
+    questions = [v["question"] for v in final["tuned_verdicts"]]
+    assert questions == ["equal parameters", "equal parameters", "half of LoRA's parameters", "IMLoR2C's events against none"]
+    for v in final["tuned_verdicts"]:
+        a, b = (final["summary"][f"{TUNE_ROWS[k]}@learning_rate={choice[k]['learning_rate']:g}"]
+                for k in (v["method"], v["reference"]))
+        assert v["gap_points"] == pytest.approx(a["accuracy_mean"] - b["accuracy_mean"])
+        assert v["text"] in result.stdout
+
+
+TUNE_ROWS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16",
+             "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c"}
+
+
+def test_validation_rows_must_lie_past_the_training_rows():
+    quality = _bench_module("quality")
+    assert quality.validation_slice("1000:1872", 1000) == (1000, 1872)
+    for text, train_size, match in (("500:600", 1000, "overlaps the training rows, rows 0..999"),
+                                    ("1000:1872", None, "no --train_size"), ("9:3", 1, "START < END"), ("a:b", 1, "START:END")):
+        with pytest.raises(quality.BenchError, match=match):
+            quality.validation_slice(text, train_size)
+    _, overrides = quality.parse_variant("lor2c@r=16@learning_rate=1e-3")
+    assert overrides == {"r": 16, "learning_rate": 1e-3}
+    with pytest.raises(quality.BenchError, match="'rank=16' is not <field>=<value>"):
+        quality.parse_variant("lor2c@rank=16")
