@@ -205,7 +205,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     search = json.loads((out / "tune_smoke_search.json").read_text())
     assert search["data"]["eval_rows"] == 16 and "train.tsv rows 64..79" in search["data"]["metric"]
-    assert len(search["runs"]) == 12 and {r["seed"] for r in search["runs"]} == {0}
+    assert len(search["runs"]) == 14 and {r["seed"] for r in search["runs"]} == {0}
     choice = json.loads((out / "tune_smoke_choice.json").read_text())["choice"]
     for base, c in choice.items():
         grid = {rate: 100 * r["accuracy"] for r in search["runs"] for rate in ("0.001", "0.005")
@@ -221,7 +221,8 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     params = {r["method"].split("learning_rate")[0]: r["adapter_params"] for r in final["runs"]}
     assert params["lor2c@r=16@"] == params["lora@"] and params["lora@r=4@"] == params["lor2c@"]  # the equal budgets
     questions = [v["question"] for v in final["tuned_verdicts"]]
-    assert questions == ["equal parameters", "equal parameters", "half of LoRA's parameters", "IMLoR2C's events against none"]
+    assert questions == ["equal parameters", "equal parameters", "half of LoRA's parameters", "IMLoR2C's events against none",
+                         "the scaling option"]
     for v in final["tuned_verdicts"]:
         a, b = (final["summary"][f"{TUNE_ROWS[k]}@learning_rate={choice[k]['learning_rate']:g}"]
                 for k in (v["method"], v["reference"]))
@@ -230,7 +231,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
 
 
 TUNE_ROWS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16",
-             "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c"}
+             "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c", "lor2c_rs": "lor2c@lora_alpha=45.25"}
 
 
 def test_validation_rows_must_lie_past_the_training_rows():
