@@ -99,6 +99,7 @@ class HParams:
     warmup_ratio: float = 0.06  # SPEC §8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    loraplus_lr_ratio: float = 0.0  # > 0: LoRA+ (PEFT's create_loraplus_optimizer), B's learning rate = this x A's
     max_length: int = 64
     eval_batch_size: int = 64
 
@@ -301,9 +302,19 @@ def make_trainer(method: str, model_dir: str, seed: int, hp: HParams, train_ds: 
                  num_train_epochs: Optional[float] = None, callbacks: Sequence[Any] = (), **args_overrides: Any) -> Trainer:
     """A Trainer (PEFT LoRA) or LoR2CTrainer (the LoR2C family, ResLoRA) for one method and seed."""
     model, trainer_cls = build_adapter(method, load_classifier(model_dir, seed), hp)
+    optimizers: dict[str, Any] = {}
+    if hp.loraplus_lr_ratio:  # passed as Trainer's `optimizers`; its scheduler is still Trainer's own
+        if method not in ("lora", "lor2c", "sharelor2c"):
+            raise BenchError(f"--methods {method}@loraplus_lr_ratio=...: LoRA+ is wired for methods without events "
+                             "(lora, lor2c, sharelor2c); an inject adds parameters the optimizer was built without.")
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizers["optimizers"] = (create_loraplus_optimizer(model, torch.optim.AdamW, lr=hp.learning_rate,
+                                                              loraplus_lr_ratio=hp.loraplus_lr_ratio,
+                                                              weight_decay=hp.weight_decay), None)
     trainer = trainer_cls(model=model, args=training_arguments(output_dir, hp, seed, num_train_epochs, **args_overrides),
                           train_dataset=train_ds, data_collator=DataCollatorWithPadding(tokenizer),
-                          callbacks=list(callbacks))
+                          callbacks=list(callbacks), **optimizers)
     trainer.remove_callback(PrinterCallback)  # the scripts print their own lines; LoR2C events still print theirs
     return trainer
 

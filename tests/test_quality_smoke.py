@@ -205,7 +205,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     search = json.loads((out / "tune_smoke_search.json").read_text())
     assert search["data"]["eval_rows"] == 16 and "train.tsv rows 64..79" in search["data"]["metric"]
-    assert len(search["runs"]) == 14 and {r["seed"] for r in search["runs"]} == {0}
+    assert len(search["runs"]) == 16 and {r["seed"] for r in search["runs"]} == {0}
     choice = json.loads((out / "tune_smoke_choice.json").read_text())["choice"]
     for base, c in choice.items():
         grid = {rate: 100 * r["accuracy"] for r in search["runs"] for rate in ("0.001", "0.005")
@@ -222,7 +222,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     assert params["lor2c@r=16@"] == params["lora@"] and params["lora@r=4@"] == params["lor2c@"]  # the equal budgets
     questions = [v["question"] for v in final["tuned_verdicts"]]
     assert questions == ["equal parameters", "equal parameters", "half of LoRA's parameters", "IMLoR2C's events against none",
-                         "the scaling option"]
+                         "the scaling option", "the LoRA+ option"]
     for v in final["tuned_verdicts"]:
         a, b = (final["summary"][f"{TUNE_ROWS[k]}@learning_rate={choice[k]['learning_rate']:g}"]
                 for k in (v["method"], v["reference"]))
@@ -231,7 +231,8 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
 
 
 TUNE_ROWS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16",
-             "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c", "lor2c_rs": "lor2c@lora_alpha=45.25"}
+             "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c", "lor2c_rs": "lor2c@lora_alpha=45.25",
+             "lor2c_plus": "lor2c@loraplus_lr_ratio=16"}
 
 
 def test_validation_rows_must_lie_past_the_training_rows():
@@ -245,3 +246,37 @@ def test_validation_rows_must_lie_past_the_training_rows():
     assert overrides == {"r": 16, "learning_rate": 1e-3}
     with pytest.raises(quality.BenchError, match="'rank=16' is not <field>=<value>"):
         quality.parse_variant("lor2c@rank=16")
+
+
+def test_loraplus_variant_trains_b_at_the_ratio_times_a(workspace, tmp_path):
+    """`lor2c@loraplus_lr_ratio=16`: PEFT's LoRA+ optimizer, handed to LoR2CTrainer, gives every connection's B 16x
+    the learning rate of its A, and the schedule still decays both (checked after a step)."""
+    quality = _bench_module("quality")
+    root, data, model = workspace
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    hp = quality.HParams(learning_rate=1e-3, loraplus_lr_ratio=16, max_steps=2, batch_size=8, warmup_ratio=0.0)
+    train_ds, _ = quality.load_sst2(data, tokenizer, hp.max_length, 32, 8)
+    trainer = quality.make_trainer("lor2c", model, 0, hp, train_ds, tokenizer, str(tmp_path))
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    lr_of = {names[id(p)]: group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    a = {n: lr for n, lr in lr_of.items() if ".lora_A." in n}
+    b = {n: lr for n, lr in lr_of.items() if ".lora_B." in n}
+    assert a and b and set(a.values()) == {1e-3} and set(b.values()) == {16e-3}
+    from transformers import TrainerCallback
+
+    after: dict[str, float] = {}
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step == 1:
+                after.update({names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]})
+
+    trainer.add_callback(FirstStep())
+    trainer.train()
+    assert trainer.state.global_step == 2 and after
+    for name in a:
+        assert 0 < after[name] < 1e-3 and after[name.replace(".lora_A.", ".lora_B.")] == pytest.approx(16 * after[name])
+    with pytest.raises(quality.BenchError, match="LoRA\\+ is wired for methods without events"):
+        quality.make_trainer("imlor2c", model, 0, hp, train_ds, tokenizer, str(tmp_path))
