@@ -731,7 +731,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seeds = []  # nothing to train
     else:
         print(f"quality: {len(methods)} methods x seeds {seeds}, {budget(hp)} of batch {hp.batch_size}, "
-              f"{len(train_ds)} train / {len(eval_ds)} dev rows, model {model_dir}; {len(done)} run(s) already in "
+              f"{len(train_ds)} train / {len(eval_ds)} scored rows ({metric}), model {model_dir}; {len(done)} run(s) already in "
               f"{json_path}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lor2c-quality-") as work_dir:
         for seed in seeds:  # seeds outer, so an interrupted run still compares every method
