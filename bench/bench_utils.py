@@ -120,7 +120,7 @@ RECORD_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "l
 
 
 def git_state(repo: str) -> dict[str, Optional[object]]:
-    """The checkout's commit and whether tracked files differ from it (None outside a git checkout)."""
+    """The checkout's commit and whether tracked files (results aside) differ from it (None outside a checkout)."""
     def git(*args: str) -> Optional[str]:
         try:
             return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, check=True,
@@ -129,7 +129,8 @@ def git_state(repo: str) -> dict[str, Optional[object]]:
             return None
 
     commit = git("rev-parse", "HEAD")
-    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    # the benchmarks' own results are left out: a resumed run rewrites them
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results") if commit else None
     return {"commit": commit, "dirty": None if changes is None else bool(changes)}
 
 
