@@ -100,6 +100,7 @@ class HParams:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     loraplus_lr_ratio: float = 0.0  # > 0: LoRA+ (PEFT's create_loraplus_optimizer), B's learning rate = this x A's
+    a_init: str = "kaiming"  # LoR2C's A: "kaiming" (PEFT's LoRA default) or "gaussian" (N(0, 1/r), PEFT's option)
     max_length: int = 64
     eval_batch_size: int = 64
 
@@ -246,7 +247,14 @@ def build_adapter(method: str, model: torch.nn.Module, hp: HParams) -> tuple[tor
     if method in ("injectlor2c", "imlor2c"):
         overrides["num_injects"] = hp.num_injects
     # replace: a grid cell with M = 0 or N = 0 trains the method its fields describe (LoR2CConfig refuses the contradiction)
-    return get_lor2c_model(model, LoR2CConfig.for_method(method).replace(**overrides)), LoR2CTrainer
+    adapted = get_lor2c_model(model, LoR2CConfig.for_method(method).replace(**overrides))
+    if hp.a_init not in ("kaiming", "gaussian"):
+        raise BenchError(f"--methods ...@a_init={hp.a_init}: expected kaiming or gaussian.")
+    if hp.a_init == "gaussian":  # a candidate option, measured in bench/tune.py; B stays zero, so the start is the base
+        with torch.no_grad():
+            for a in adapted.lor2c.lora_A:
+                a.normal_(0.0, 1.0 / hp.r)
+    return adapted, LoR2CTrainer
 
 
 def reslora_unavailable() -> Optional[str]:

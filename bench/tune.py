@@ -6,8 +6,8 @@ shipped training data (rows 1000..1871 of `recipes/data/SST-2/train.tsv`, which 
 rows do not reach), seed 0, from `--learning_rates`; then 3 seeds at the chosen rate are scored on the
 872-sentence dev set, which the choice never saw. Methods: LoRA r=8 and r=4, LoR2C r=8 and r=16, IMLoR2C (the
 library's default merge rule) and ShareLoR2C, so that LoR2C r=16 meets LoRA r=8, and LoRA r=4 meets LoR2C r=8,
-at equal adapter parameters; and two candidate options, rank-stabilised scaling (alpha / sqrt(r)) and
-LoRA+ (B's learning rate 16x A's).
+at equal adapter parameters; and three candidate options: rank-stabilised scaling (alpha / sqrt(r)),
+LoRA+ (B's learning rate 16x A's) and a Gaussian init of A.
 
     python bench/tune.py --stage search --threads 1 [--part 1/2]   # the grid, on the validation slice (resumable)
     python bench/tune.py --stage choose                            # each method's best rate -> results/tune_choice.json
@@ -16,7 +16,7 @@ LoRA+ (B's learning rate 16x A's).
     python bench/tune.py --smoke --model_dir <tiny model> --data_dir <folder>   # every stage, a few steps
 
 A best rate at the edge of the grid is reported as such (widen `--learning_rates`). About 10 min per run on one
-core: the grid is 32 runs, the final table 24. Not part of CI.
+core: the grid is 36 runs, the final table 27. Not part of CI.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import quality
 
 # (row name, variant): the rows of the tuned table. Two candidate options: lor2c_rs, rank-stabilised scaling
 # alpha / sqrt(r) (rsLoRA) at r = 8, which is LoR2C's alpha / r scaling with lora_alpha = 16 * sqrt(8) = 45.25; and
-# lor2c_plus, LoRA+ (B learns 16x faster than A, PEFT's create_loraplus_optimizer, the LoRA+ paper's ratio).
+# lor2c_plus, LoRA+ (B learns 16x faster than A, PEFT's create_loraplus_optimizer, the LoRA+ paper's ratio);
+# lor2c_gauss, A drawn from N(0, 1/r) instead of Kaiming-uniform. New rows go last: --part keeps earlier assignments.
 METHODS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16",
            "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c", "lor2c_rs": "lor2c@lora_alpha=45.25",
-           "lor2c_plus": "lor2c@loraplus_lr_ratio=16"}
+           "lor2c_plus": "lor2c@loraplus_lr_ratio=16", "lor2c_gauss": "lor2c@a_init=gaussian"}
 LEARNING_RATES = (2.5e-4, 5e-4, 1e-3, 2e-3)
 SEEDS = 3
 
@@ -99,7 +100,8 @@ def verdicts(summary: dict[str, Any], rates: dict[str, float]) -> list[dict[str,
              ("lor2c", "lora", "LoR2C r=8", "LoRA r=8", "half of LoRA's parameters"),
              ("imlor2c", "lor2c", "IMLoR2C", "LoR2C r=8", "IMLoR2C's events against none"),
              ("lor2c_rs", "lor2c", "LoR2C r=8, rank-stabilised scaling", "LoR2C r=8", "the scaling option"),
-             ("lor2c_plus", "lor2c", "LoR2C r=8, LoRA+ (ratio 16)", "LoR2C r=8", "the LoRA+ option")]
+             ("lor2c_plus", "lor2c", "LoR2C r=8, LoRA+ (ratio 16)", "LoR2C r=8", "the LoRA+ option"),
+             ("lor2c_gauss", "lor2c", "LoR2C r=8, Gaussian A", "LoR2C r=8", "the init option")]
     out = []
     for a, b, label_a, label_b, what in pairs:
         v = quality.compare(summary, name[a], name[b], f"{label_a} (lr {rates[a]:g})", f"{label_b} (lr {rates[b]:g})")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tiny_pretrained import REPO, offline_env, save_tiny_pretrained
 
@@ -205,7 +206,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     search = json.loads((out / "tune_smoke_search.json").read_text())
     assert search["data"]["eval_rows"] == 16 and "train.tsv rows 64..79" in search["data"]["metric"]
-    assert len(search["runs"]) == 16 and {r["seed"] for r in search["runs"]} == {0}
+    assert len(search["runs"]) == 18 and {r["seed"] for r in search["runs"]} == {0}
     choice = json.loads((out / "tune_smoke_choice.json").read_text())["choice"]
     for base, c in choice.items():
         grid = {rate: 100 * r["accuracy"] for r in search["runs"] for rate in ("0.001", "0.005")
@@ -222,7 +223,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     assert params["lor2c@r=16@"] == params["lora@"] and params["lora@r=4@"] == params["lor2c@"]  # the equal budgets
     questions = [v["question"] for v in final["tuned_verdicts"]]
     assert questions == ["equal parameters", "equal parameters", "half of LoRA's parameters", "IMLoR2C's events against none",
-                         "the scaling option", "the LoRA+ option"]
+                         "the scaling option", "the LoRA+ option", "the init option"]
     for v in final["tuned_verdicts"]:
         a, b = (final["summary"][f"{TUNE_ROWS[k]}@learning_rate={choice[k]['learning_rate']:g}"]
                 for k in (v["method"], v["reference"]))
@@ -232,7 +233,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
 
 TUNE_ROWS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16",
              "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c", "lor2c_rs": "lor2c@lora_alpha=45.25",
-             "lor2c_plus": "lor2c@loraplus_lr_ratio=16"}
+             "lor2c_plus": "lor2c@loraplus_lr_ratio=16", "lor2c_gauss": "lor2c@a_init=gaussian"}
 
 
 def test_validation_rows_must_lie_past_the_training_rows():
@@ -280,3 +281,20 @@ def test_loraplus_variant_trains_b_at_the_ratio_times_a(workspace, tmp_path):
         assert 0 < after[name] < 1e-3 and after[name.replace(".lora_A.", ".lora_B.")] == pytest.approx(16 * after[name])
     with pytest.raises(quality.BenchError, match="LoRA\\+ is wired for methods without events"):
         quality.make_trainer("imlor2c", model, 0, hp, train_ds, tokenizer, str(tmp_path))
+
+
+def test_gaussian_a_init_variant_draws_a_from_n0_1_over_r(workspace):
+    quality = _bench_module("quality")
+    _, _, model_dir = workspace
+    hp = quality.HParams(r=8)
+    stds = {}
+    for init in ("kaiming", "gaussian"):
+        model, _ = quality.build_adapter("lor2c", quality.load_classifier(model_dir, 0), quality.dataclasses.replace(hp, a_init=init))
+        a = torch.cat([p.flatten() for p in model.lor2c.lora_A])
+        stds[init] = float(a.std())
+        assert all(float(b.abs().max()) == 0 for b in model.lor2c.lora_B)  # B starts at zero either way
+    bound = 1 / math.sqrt(HIDDEN)  # Kaiming-uniform with a = sqrt(5) on fan-in d: U(-1/sqrt(d), 1/sqrt(d))
+    assert stds["kaiming"] == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    assert stds["gaussian"] == pytest.approx(1 / 8, rel=0.1)
+    with pytest.raises(quality.BenchError, match="expected kaiming or gaussian"):
+        quality.build_adapter("lor2c", quality.load_classifier(model_dir, 0), quality.dataclasses.replace(hp, a_init="orthogonal"))
