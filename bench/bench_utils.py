@@ -98,11 +98,7 @@ def environment(device: str, packages: tuple[str, ...] = ("transformers", "peft"
            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    for package in packages:
-        try:
-            env[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    env.update({p: v for p, v in package_versions(packages).items() if v is not None})
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -145,14 +141,20 @@ def files_sha256(paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def run_record(repo: str, data_files: Sequence[str]) -> dict:
-    """What reproduces a run: code commit (dirty or not), package versions, thread count, data checksum, command."""
-    versions = {}
-    for package in RECORD_PACKAGES:
+def package_versions(packages: Sequence[str]) -> dict[str, Optional[str]]:
+    """Each package's installed version (None when absent), read from its metadata, so nothing is imported."""
+    versions: dict[str, Optional[str]] = {}
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    return {**git_state(repo), "versions": versions, "threads": torch.get_num_threads(),
-            "data_sha256": files_sha256(data_files),
+    return versions
+
+
+def run_record(repo: str, data_sha256: str) -> dict:
+    """What reproduces a run: code commit (dirty or not), package versions, thread count, data checksum (the
+    caller's `files_sha256` of what it read), command."""
+    return {**git_state(repo), "versions": package_versions(RECORD_PACKAGES), "threads": torch.get_num_threads(),
+            "data_sha256": data_sha256,
             "command": [os.path.relpath(sys.argv[0], repo) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]}

@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     json_path = os.path.join(args.output_dir, f"{name}.json")
     data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": "accuracy on dev.tsv",
             "sha256": quality.bench_utils.files_sha256(quality.data_files(data_dir))}
-    record = quality.bench_utils.run_record(quality.REPO, quality.data_files(data_dir))
+    record = quality.bench_utils.run_record(quality.REPO, data["sha256"])
     payload = quality.resumed_payload(json_path, False, hp, data) or {"runs": {}}
     payload.update({"benchmark": "mn_grid", "smoke": args.smoke, "machine": quality.machine(),
                     "model": quality.model_label(model_dir), "data": data, "hyperparameters": dataclasses.asdict(hp),

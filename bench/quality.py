@@ -721,7 +721,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     json_path = os.path.join(args.output_dir, f"{name}.json")
     data = {"dir": data_dir, "train_rows": len(train_ds), "eval_rows": len(eval_ds), "metric": metric,
             "sha256": bench_utils.files_sha256(data_files(data_dir))}
-    record = bench_utils.run_record(REPO, data_files(data_dir))
+    record = bench_utils.run_record(REPO, data["sha256"])
     payload = resumed_payload(json_path, args.fresh, hp, data) or {"runs": []}
     earlier = payload.get("methods", [])  # the file's order first, so tables keep their rows where they were
     payload.update({
