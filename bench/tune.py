@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -75,33 +76,73 @@ def search_files(args: argparse.Namespace) -> list[str]:
     return sorted(glob.glob(os.path.join(args.output_dir, f"{args.prefix}search*.json")))
 
 
-def choose(args: argparse.Namespace, rates: list[float]) -> dict[str, Any]:
-    """Each method's best rate on the validation slice, with its grid and whether it sits at the grid's edge."""
-    scores: dict[str, float] = {}
+def validation_grids(args: argparse.Namespace) -> dict[str, dict[float, float]]:
+    """Each row's validation accuracy (%) by learning rate, from every search file: the grid of `--learning_rates`
+    plus any rate a row was searched at beyond it (a widened edge)."""
+    grids: dict[str, dict[float, float]] = {base: {} for base in METHODS}
     for path in search_files(args):
         for run in quality.read_json(path)["runs"]:
-            scores[run["method"]] = 100 * run["accuracy"]
-    choice = {}
-    for base in METHODS:
-        grid = {rate: scores[variant(base, rate)] for rate in rates if variant(base, rate) in scores}
-        if len(grid) < len(rates):
-            missing = [f"{r:g}" for r in rates if r not in grid]
-            raise quality.BenchError(f"--stage choose: {base} has no validation run at learning rate(s) {missing}; "
-                                     "run --stage search (every --part) first.")
+            head, _, value = run["method"].rpartition("@learning_rate=")
+            for base, name in METHODS.items():
+                if head == name:
+                    grids[base][float(value)] = 100 * run["accuracy"]
+    return grids
+
+
+def choose(args: argparse.Namespace, rates: list[float]) -> dict[str, Any]:
+    """Each row's best rate on the validation slice, with its grid and whether it sits at the grid's edge. A row
+    not yet searched at every rate of `--learning_rates` is left out (and listed), so the rows that are can go on."""
+    choice: dict[str, Any] = {}
+    not_searched = {}
+    for base, grid in validation_grids(args).items():
+        missing = [f"{r:g}" for r in rates if r not in grid]
+        if missing:
+            not_searched[base] = missing
+            continue
         best = max(grid, key=lambda r: (grid[r], -r))  # a tie goes to the smaller rate
         choice[base] = {"learning_rate": best, "validation_accuracy": grid[best],
-                        "grid": {f"{r:g}": a for r, a in grid.items()},
-                        "at_edge": best in (min(rates), max(rates))}
-    rules = {b: choice[b]["validation_accuracy"] for b in ("imlor2c", "imlor2c_paper")}
-    choice["merge_rule_on_validation"] = {"best": "official/paper (the default)" if rules["imlor2c"] >= rules["imlor2c_paper"]
-                                          else "paper/paper", "validation_accuracy": rules}
+                        "grid": {f"{r:g}": grid[r] for r in sorted(grid)},
+                        "at_edge": best in (min(grid), max(grid))}
+    if not choice:
+        raise quality.BenchError("--stage choose: no row has a validation run at every learning rate of "
+                                 f"--learning_rates {', '.join(f'{r:g}' for r in rates)}; run --stage search "
+                                 "(every --part) first.")
+    if "imlor2c" in choice and "imlor2c_paper" in choice:
+        rules = {b: choice[b]["validation_accuracy"] for b in ("imlor2c", "imlor2c_paper")}
+        choice["merge_rule_on_validation"] = {
+            "best": "official/paper (the default)" if rules["imlor2c"] >= rules["imlor2c_paper"] else "paper/paper",
+            "validation_accuracy": rules}
+    if not_searched:
+        choice["not_searched"] = not_searched
     return choice
 
 
-def verdicts(summary: dict[str, Any], rates: dict[str, float]) -> list[dict[str, Any]]:
-    """The three sentences a user needs, each with the rates and budget it holds for."""
-    name = {base: variant(base, rate) for base, rate in rates.items()}
-    pairs = [("lor2c_r16", "lora", "LoR2C r=16", "LoRA r=8", "equal parameters"),
+def standing(summary: dict[str, Any], name: str, reference: str, label: str, reference_label: str) -> Optional[dict[str, Any]]:
+    """Ahead of, level with or behind: the gap of the two means against 2 standard errors of that gap (each
+    side's std over its seeds / sqrt(seeds)); None when either row has not run."""
+    if name not in summary or reference not in summary:
+        return None
+    a, b = summary[name], summary[reference]
+    gap = a["accuracy_mean"] - b["accuracy_mean"]
+    two_se = 2 * math.sqrt(sum((s["accuracy_std"] or 0.0) ** 2 / s["n_seeds"] for s in (a, b)))
+    seeds = min(a["n_seeds"], b["n_seeds"])
+    word = "ahead of" if gap > two_se else "behind" if gap < -two_se else "level with"
+    if seeds < 2:
+        word = "not yet comparable with"  # one seed has no spread to weigh the gap against
+    text = (f"{label}, {a['adapter_params']:,d} adapter parameters, is {word} {reference_label}, "
+            f"{b['adapter_params']:,d}: {_pm(a)} vs {_pm(b)} % dev accuracy, gap {gap:+.2f} points "
+            f"(2 standard errors: {two_se:.2f}), {a['n_seeds']} vs {b['n_seeds']} seeds."
+            + (" Fewer than 3 seeds: not final." if seeds < 3 else ""))
+    return {"standing": word, "gap_points": gap, "two_standard_errors": two_se, "seeds": seeds, "text": text}
+
+
+def _pm(entry: dict[str, Any]) -> str:
+    std = entry["accuracy_std"]
+    return f"{entry['accuracy_mean']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+# (row, reference row, row's label, reference's label, the question): the verdicts of the tuned table.
+QUESTIONS = [("lor2c_r16", "lora", "LoR2C r=16", "LoRA r=8", "equal parameters"),
              ("lor2c", "lora_r4", "LoR2C r=8", "LoRA r=4", "equal parameters"),
              ("lor2c", "lora", "LoR2C r=8", "LoRA r=8", "half of LoRA's parameters"),
              ("imlor2c", "lor2c", "IMLoR2C", "LoR2C r=8", "IMLoR2C's events against none"),
@@ -109,12 +150,25 @@ def verdicts(summary: dict[str, Any], rates: dict[str, float]) -> list[dict[str,
              ("lor2c_plus", "lor2c", "LoR2C r=8, LoRA+ (ratio 16)", "LoR2C r=8", "the LoRA+ option"),
              ("lor2c_gauss", "lor2c", "LoR2C r=8, Gaussian A", "LoR2C r=8", "the init option"),
              ("imlor2c", "imlor2c_paper", "IMLoR2C, code's merge rule (default)", "IMLoR2C, paper's rule", "the merge rule")]
+
+
+def verdicts(summary: dict[str, Any], rates: dict[str, float]) -> list[dict[str, Any]]:
+    """The sentences a user needs, each with the rates and budget it holds for."""
     out = []
-    for a, b, label_a, label_b, what in pairs:
-        v = quality.compare(summary, name[a], name[b], f"{label_a} (lr {rates[a]:g})", f"{label_b} (lr {rates[b]:g})")
+    for a, b, label_a, label_b, what in QUESTIONS:
+        if a not in rates or b not in rates:
+            continue
+        v = standing(summary, variant(a, rates[a]), variant(b, rates[b]), f"{label_a} (lr {rates[a]:g})",
+                     f"{label_b} (lr {rates[b]:g})")
         if v:
             out.append({"question": what, "method": a, "reference": b, **v})
     return out
+
+
+def tuned_title(payload: dict[str, Any]) -> str:
+    seeds = sorted({s["n_seeds"] for s in payload["summary"].values()})
+    return (f"SST-2 dev accuracy, {payload['model']['name']}, {quality.budget(quality.HParams(**payload['hyperparameters']))}"
+            f", each method at its learning rate tuned on a validation slice, {'/'.join(map(str, seeds))} seed(s)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -123,7 +177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="all: every stage in one process (hours on the real model; minutes with --smoke).")
     parser.add_argument("--learning_rates", default=",".join(f"{r:g}" for r in LEARNING_RATES))
     parser.add_argument("--validation_rows", default=None, help="START:END of train.tsv (default 1000:1872; --smoke 64:96).")
-    parser.add_argument("--part", default=None, help="K/N: this process runs every N-th run from the K-th.")
+    parser.add_argument("--rows", default=None,
+                        help=f"Comma-separated rows to search or run (default all: {', '.join(METHODS)}).")
+    parser.add_argument("--part", default=None, help="K/N: this process runs every N-th run (of --rows) from the K-th.")
     parser.add_argument("--model_dir", default=None)
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--output_dir", default=quality.RESULTS_DIR)
@@ -133,6 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds: expected at least 1.")
+    rows = [r.strip() for r in (args.rows or ",".join(METHODS)).split(",") if r.strip()]
+    unknown = [r for r in rows if r not in METHODS]
+    if unknown or not rows:
+        parser.error(f"--rows {args.rows!r}: unknown row(s) {unknown}; expected some of {', '.join(METHODS)}.")
     args.prefix = "tune_smoke_" if args.smoke else "tune_"
     args.validation_rows = args.validation_rows or ("64:96" if args.smoke else "1000:1872")
     try:
@@ -145,13 +205,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     final_name = f"{args.prefix}final"
 
     if args.stage in ("search", "all"):
-        runs, suffix = part_of([variant(b, r) for b in METHODS for r in rates], args.part)
+        runs, suffix = part_of([variant(b, r) for b in METHODS if b in rows for r in rates], args.part)
         quality.main(quality_argv(args, runs, f"{args.prefix}search{suffix}", "0", validation=True))
     if args.stage in ("choose", "all"):
         choice = choose(args, rates)
         quality.write_json(choice_path, {"learning_rates": rates, "validation_rows": args.validation_rows,
                                          "choice": choice})
         for base, c in choice.items():
+            if base == "not_searched":
+                print(f"tune: not searched at every rate yet (left out): {c}")
+                continue
             if base not in METHODS:
                 print(f"tune: {base}: {c['best']} ({c['validation_accuracy']})")
                 continue
@@ -161,18 +224,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isfile(choice_path):
             parser.error(f"--stage {args.stage}: {choice_path} does not exist; run --stage choose first.")
         chosen = {b: c["learning_rate"] for b, c in quality.read_json(choice_path)["choice"].items() if b in METHODS}
-        methods = [variant(b, chosen[b]) for b in METHODS]
+        methods = [variant(b, chosen[b]) for b in METHODS if b in chosen]
     if args.stage in ("final", "all"):
-        mine, suffix = part_of(methods, args.part)
+        unchosen = [b for b in rows if b not in chosen]
+        if args.rows and unchosen:
+            parser.error(f"--rows: {', '.join(unchosen)} has no chosen learning rate in {choice_path} "
+                         "(search it at every rate, then --stage choose).")
+        mine, suffix = part_of([variant(b, chosen[b]) for b in METHODS if b in chosen and b in rows], args.part)
         quality.main(quality_argv(args, mine, f"{final_name}{suffix}", ",".join(map(str, range(args.seeds))), validation=False))
     if args.stage in ("report", "all"):
         parts = sorted(glob.glob(os.path.join(args.output_dir, f"{final_name}_part*.json")))
         if parts:
             quality.main(quality_argv(args, methods, final_name, "0", validation=False) + ["--combine", *parts])
-        payload = quality.read_json(os.path.join(args.output_dir, f"{final_name}.json"))
+        final_path = os.path.join(args.output_dir, f"{final_name}.json")
+        payload = quality.read_json(final_path)
+        payload["runs"] = [r for r in payload["runs"] if r["method"] in methods]  # a rate no longer chosen is not a row
+        payload["methods"] = [m for m in methods if any(r["method"] == m for r in payload["runs"])]
+        payload["summary"] = quality.summarize(payload["runs"], payload["methods"])
         payload["tuned_verdicts"] = verdicts(payload["summary"], chosen)
         payload["tuned_learning_rates"] = chosen
-        quality.write_json(os.path.join(args.output_dir, f"{final_name}.json"), payload)
+        quality.write_json(final_path, payload)
+        png = os.path.join(args.output_dir, f"{final_name}.png")
+        quality.plot(payload["summary"], png, tuned_title(payload), quality.readable_labels(payload))
+        print(f"tune: wrote {final_path} and {png}")
         for v in payload["tuned_verdicts"]:
             print(f"tune: {v['question']}: {v['text']}")
     return 0

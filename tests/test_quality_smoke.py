@@ -230,8 +230,43 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     for v in final["tuned_verdicts"]:
         a, b = (final["summary"][f"{TUNE_ROWS[k]}@learning_rate={choice[k]['learning_rate']:g}"]
                 for k in (v["method"], v["reference"]))
-        assert v["gap_points"] == pytest.approx(a["accuracy_mean"] - b["accuracy_mean"])
-        assert v["text"] in result.stdout
+        gap = a["accuracy_mean"] - b["accuracy_mean"]
+        two_se = 2 * math.sqrt(a["accuracy_std"] ** 2 / 2 + b["accuracy_std"] ** 2 / 2)
+        assert v["gap_points"] == pytest.approx(gap) and v["two_standard_errors"] == pytest.approx(two_se)
+        assert v["standing"] == ("ahead of" if gap > two_se else "behind" if gap < -two_se else "level with")
+        assert v["text"] in result.stdout and "Fewer than 3 seeds" in v["text"]
+    assert (out / "tune_smoke_final.png").stat().st_size > 10_000  # the chart: accuracy against parameters
+
+    # A row whose best rate sat at the edge is searched further; choose folds the new rate into that row's grid only.
+    def tune(*argv):
+        return subprocess.run(command[:2] + ["--smoke", "--model_dir", model, "--data_dir", data, "--output_dir", str(out),
+                                             "--threads", "1", "--validation_rows", "64:80", *argv],
+                              cwd=REPO, env=offline_env(str(root)), capture_output=True, text=True, timeout=600)
+    widen = tune("--stage", "search", "--rows", "lora", "--learning_rates", "2e-2", "--part", "1/1")
+    assert widen.returncode == 0, widen.stdout[-3000:] + widen.stderr[-3000:]
+    assert [r["method"] for r in json.loads((out / "tune_smoke_search_part1.json").read_text())["runs"]] == ["lora@learning_rate=0.02"]
+    rechosen = tune("--stage", "choose", "--learning_rates", "1e-3,5e-3")
+    assert rechosen.returncode == 0, rechosen.stderr[-3000:]
+    again = json.loads((out / "tune_smoke_choice.json").read_text())["choice"]
+    assert set(again["lora"]["grid"]) == {"0.001", "0.005", "0.02"}
+    assert again["lora"]["at_edge"] == (again["lora"]["learning_rate"] in (1e-3, 2e-2))
+    assert all(set(again[b]["grid"]) == {"0.001", "0.005"} for b in TUNE_ROWS if b != "lora")
+
+    # Unknown rows are refused by name; a row never searched is left out of the choice, listed, and refused by final.
+    bad = tune("--stage", "search", "--rows", "lora,lorra")
+    assert bad.returncode == 2 and "--rows 'lora,lorra': unknown row(s) ['lorra']" in bad.stderr
+    partial = root / "tune_partial"
+    partial.mkdir()
+    searched = json.loads((out / "tune_smoke_search.json").read_text())
+    searched["runs"] = [r for r in searched["runs"] if not r["method"].startswith("imlor2c:paper/paper@")]
+    (partial / "tune_smoke_search.json").write_text(json.dumps(searched))
+    chose = tune("--stage", "choose", "--learning_rates", "1e-3,5e-3", "--output_dir", str(partial))
+    assert chose.returncode == 0, chose.stderr[-3000:]
+    left = json.loads((partial / "tune_smoke_choice.json").read_text())["choice"]
+    assert left["not_searched"] == {"imlor2c_paper": ["0.001", "0.005"]} and "merge_rule_on_validation" not in left
+    assert left["lora_r4"] == choice["lora_r4"]
+    refused = tune("--stage", "final", "--rows", "imlor2c_paper", "--output_dir", str(partial))
+    assert refused.returncode == 2 and "--rows: imlor2c_paper has no chosen learning rate" in refused.stderr
 
 
 TUNE_ROWS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16",
