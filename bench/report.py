@@ -11,7 +11,9 @@ block is in none of the files (edit the JSON's script run, never the numbers by 
 
 Blocks: `quality_long` (`results/quality_long.json`: the table, mean ± std over seeds, and the verdicts),
 `quality_summary` (the README's short table from the same file),
-`quality_quick` (`results/quality.json` beside `results/quality_lr2e-3.json`) and `mn_grid` (`results/mn_grid.json`).
+`quality_quick` (`results/quality.json` beside `results/quality_lr2e-3.json`), `mn_grid` (`results/mn_grid.json`), and
+`tuned` / `tuned_summary` (`bench/tune.py`'s `results/tune_final.json` with `results/tune_choice.json`: each method at
+the learning rate it chose on a validation slice, and the verdicts).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 import quality
+import tune
 from lor2c_hf import LoR2CConfig
 from lor2c_hf.extras.mn_heatmap import best_mn
 from mn_grid import grid_scores as mn_grid_scores
@@ -176,6 +179,65 @@ def mn_grid(payload: dict[str, Any]) -> str:
             cells.append("-" if value is None else (f"**{value:.2f}**" if (m, n) == best else f"{value:.2f}"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+TUNED_LABELS = {"lora": "LoRA r=8", "lora_r4": "LoRA r=4", "lor2c": "LoR2C r=8", "lor2c_r16": "LoR2C r=16",
+                "imlor2c": "IMLoR2C (default merge rule)", "sharelor2c": "ShareLoR2C", "lor2c_rs": "LoR2C, rank-stabilised scaling",
+                "lor2c_plus": "LoR2C, LoRA+ (ratio 16)", "lor2c_gauss": "LoR2C, Gaussian A", "imlor2c_paper": "IMLoR2C, paper's merge rule"}
+
+
+def tuned_rows(final: dict[str, Any], choice: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:
+    """(summary recomputed from the runs, each row's chosen rate, the verdicts recomputed) of the tuned table."""
+    rates = {b: c["learning_rate"] for b, c in choice["choice"].items() if b in tune.METHODS}
+    names = [tune.variant(b, r) for b, r in rates.items()]
+    summary = quality.summarize([r for r in final["runs"] if r["method"] in names], names)
+    return summary, rates, {(v["method"], v["reference"]): v for v in tune.verdicts(summary, rates)}
+
+
+def tuned(final: dict[str, Any], choice: dict[str, Any]) -> str:
+    """The tuned table: each row at the rate it chose on the validation slice, scored on dev; then every verdict."""
+    summary, rates, verdicts = tuned_rows(final, choice)
+    grid_rates = sorted({float(r) for c in choice["choice"].values() if "grid" in c for r in c["grid"]})
+    lines = ["| row | adapter params | validation accuracy % at " + " / ".join(rate(r) for r in grid_rates)
+             + " | chosen lr | dev accuracy % (mean ± std) | seeds |", "|---|---|---|---|---|---|"]
+    for base in tune.METHODS:
+        c = choice["choice"].get(base)
+        if not c:
+            lines.append(f"| {TUNED_LABELS[base]} | | not searched yet | | | |")
+            continue
+        cells = " / ".join(f"**{c['grid'][f'{r:g}']:.2f}**" if r == c["learning_rate"] else
+                           (f"{c['grid'][f'{r:g}']:.2f}" if f"{r:g}" in c["grid"] else "-") for r in grid_rates)
+        s = summary.get(tune.variant(base, c["learning_rate"]))
+        params = f"{s['adapter_params']:,d}" if s else ""
+        edge = " (grid's edge)" if c["at_edge"] else ""
+        lines.append(f"| {TUNED_LABELS[base]} | {params} | {cells} | {rate(c['learning_rate'])}{edge} | {pm(s)} | "
+                     f"{s['n_seeds'] if s else 0} of 3 |")
+    lines += ["", "Verdicts (\"ahead\" or \"behind\" when the gap of the means exceeds 2 standard errors of the gap, "
+              "else \"level\"):", ""]
+    lines += [f"- {v['question']}: {v['text']}" for v in verdicts.values()]
+    return "\n".join(lines)
+
+
+def tuned_summary(final: dict[str, Any], choice: dict[str, Any]) -> str:
+    """The README's three sentences: equal parameters, half the parameters, IMLoR2C's events."""
+    summary, rates, verdicts = tuned_rows(final, choice)
+
+    def side(base: str) -> str:
+        s = summary[tune.variant(base, rates[base])]
+        return f"{TUNED_LABELS[base].split(' (')[0]} ({s['adapter_params']:,d} params, lr {rate(rates[base])}: {pm(s)} %)"
+
+    def said(a: str, b: str) -> str:
+        v = verdicts.get((a, b))
+        if not v:
+            return f"{TUNED_LABELS[a]} against {TUNED_LABELS[b]}: not run yet"
+        final_ = "" if v["seeds"] >= 3 else f", only {v['seeds']} seed(s) so far"
+        return (f"{side(a)} is **{v['standing']}** {side(b)}, gap {v['gap_points']:+.2f} points "
+                f"(2 standard errors {v['two_standard_errors']:.2f}{final_})")
+
+    return "\n".join([
+        f"- **At equal parameters**: {said('lor2c_r16', 'lora')}; and {said('lor2c', 'lora_r4')}.",
+        f"- **At half the parameters**: {said('lor2c', 'lora')}.",
+        f"- **IMLoR2C's merge and inject events**: {said('imlor2c', 'lor2c')}."])
 
 
 def read(name: str, results: str) -> dict[str, Any]:
