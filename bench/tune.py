@@ -12,7 +12,8 @@ LoRA+ (B's learning rate 16x A's) and a Gaussian init of A.
     python bench/tune.py --stage search --threads 1 [--part 1/2]   # the grid, on the validation slice (resumable)
     python bench/tune.py --stage choose                            # each method's best rate -> results/tune_choice.json
     python bench/tune.py --stage final --threads 1 [--part 1/2]    # 3 seeds at the chosen rates, on dev (resumable)
-    python bench/tune.py --stage report                            # fold the parts, print the verdicts
+    python bench/tune.py --stage report                            # fold the parts, print the verdicts, draw the chart
+    python bench/tune.py --stage search --rows lora --learning_rates 4e-3 --suffix _extra   # widen one row's grid
     python bench/tune.py --smoke --model_dir <tiny model> --data_dir <folder>   # every stage, a few steps
 
 A best rate at the edge of the grid is reported as such (widen `--learning_rates`). About 10 min per run on one
@@ -26,6 +27,7 @@ import glob
 import json
 import math
 import os
+import re
 from typing import Any, Optional, Sequence
 
 import quality
@@ -180,6 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rows", default=None,
                         help=f"Comma-separated rows to search or run (default all: {', '.join(METHODS)}).")
     parser.add_argument("--part", default=None, help="K/N: this process runs every N-th run (of --rows) from the K-th.")
+    parser.add_argument("--suffix", default=None,
+                        help="This process's result file is tune_<stage><suffix>.json (default: _partK from --part, else none). "
+                             "Two processes must not share one.")
     parser.add_argument("--model_dir", default=None)
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--output_dir", default=quality.RESULTS_DIR)
@@ -193,6 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [r for r in rows if r not in METHODS]
     if unknown or not rows:
         parser.error(f"--rows {args.rows!r}: unknown row(s) {unknown}; expected some of {', '.join(METHODS)}.")
+    if args.suffix is not None and not re.fullmatch(r"[A-Za-z0-9_.-]*", args.suffix):
+        parser.error(f"--suffix {args.suffix!r}: expected letters, digits, '_', '-' or '.' (it goes into a file name).")
     args.prefix = "tune_smoke_" if args.smoke else "tune_"
     args.validation_rows = args.validation_rows or ("64:96" if args.smoke else "1000:1872")
     try:
@@ -206,6 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.stage in ("search", "all"):
         runs, suffix = part_of([variant(b, r) for b in METHODS if b in rows for r in rates], args.part)
+        suffix = suffix if args.suffix is None else args.suffix
         quality.main(quality_argv(args, runs, f"{args.prefix}search{suffix}", "0", validation=True))
     if args.stage in ("choose", "all"):
         choice = choose(args, rates)
@@ -231,9 +239,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--rows: {', '.join(unchosen)} has no chosen learning rate in {choice_path} "
                          "(search it at every rate, then --stage choose).")
         mine, suffix = part_of([variant(b, chosen[b]) for b in METHODS if b in chosen and b in rows], args.part)
+        suffix = suffix if args.suffix is None else args.suffix
         quality.main(quality_argv(args, mine, f"{final_name}{suffix}", ",".join(map(str, range(args.seeds))), validation=False))
     if args.stage in ("report", "all"):
-        parts = sorted(glob.glob(os.path.join(args.output_dir, f"{final_name}_part*.json")))
+        parts = sorted(glob.glob(os.path.join(args.output_dir, f"{final_name}_*.json")))
         if parts:
             quality.main(quality_argv(args, methods, final_name, "0", validation=False) + ["--combine", *parts])
         final_path = os.path.join(args.output_dir, f"{final_name}.json")

@@ -242,9 +242,9 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
         return subprocess.run(command[:2] + ["--smoke", "--model_dir", model, "--data_dir", data, "--output_dir", str(out),
                                              "--threads", "1", "--validation_rows", "64:80", *argv],
                               cwd=REPO, env=offline_env(str(root)), capture_output=True, text=True, timeout=600)
-    widen = tune("--stage", "search", "--rows", "lora", "--learning_rates", "2e-2", "--part", "1/1")
+    widen = tune("--stage", "search", "--rows", "lora", "--learning_rates", "2e-2", "--suffix", "_extra")
     assert widen.returncode == 0, widen.stdout[-3000:] + widen.stderr[-3000:]
-    assert [r["method"] for r in json.loads((out / "tune_smoke_search_part1.json").read_text())["runs"]] == ["lora@learning_rate=0.02"]
+    assert [r["method"] for r in json.loads((out / "tune_smoke_search_extra.json").read_text())["runs"]] == ["lora@learning_rate=0.02"]
     rechosen = tune("--stage", "choose", "--learning_rates", "1e-3,5e-3")
     assert rechosen.returncode == 0, rechosen.stderr[-3000:]
     again = json.loads((out / "tune_smoke_choice.json").read_text())["choice"]
@@ -255,6 +255,8 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     # Unknown rows are refused by name; a row never searched is left out of the choice, listed, and refused by final.
     bad = tune("--stage", "search", "--rows", "lora,lorra")
     assert bad.returncode == 2 and "--rows 'lora,lorra': unknown row(s) ['lorra']" in bad.stderr
+    bad = tune("--stage", "final", "--suffix", "../x")
+    assert bad.returncode == 2 and "--suffix '../x': expected letters" in bad.stderr
     partial = root / "tune_partial"
     partial.mkdir()
     searched = json.loads((out / "tune_smoke_search.json").read_text())
