@@ -42,9 +42,9 @@ LONG_ORDER = ("lora", "lor2c", "sharelor2c", "reslora", "injectlor2c", "mergelor
 
 
 def rate(value: float) -> str:
-    """A learning rate as people write it: 0.0005 -> 5e-4."""
-    mantissa, exponent = f"{value:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+    """A learning rate as people write it: 0.0005 -> 5e-4, 0.00025 -> 2.5e-4."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def label(name: str, entry: dict[str, Any], hp: dict[str, Any]) -> str:
@@ -181,9 +181,7 @@ def mn_grid(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-TUNED_LABELS = {"lora": "LoRA r=8", "lora_r4": "LoRA r=4", "lor2c": "LoR2C r=8", "lor2c_r16": "LoR2C r=16",
-                "imlor2c": "IMLoR2C (default merge rule)", "sharelor2c": "ShareLoR2C", "lor2c_rs": "LoR2C, rank-stabilised scaling",
-                "lor2c_plus": "LoR2C, LoRA+ (ratio 16)", "lor2c_gauss": "LoR2C, Gaussian A", "imlor2c_paper": "IMLoR2C, paper's merge rule"}
+TUNED_LABELS = tune.ROW_LABELS
 
 
 def tuned_rows(final: dict[str, Any], choice: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:
@@ -249,6 +247,8 @@ BLOCKS: dict[str, Callable[[str], str]] = {
     "quality_summary": lambda results: quality_summary(read("quality_long", results)),
     "quality_quick": lambda results: quality_quick(read("quality", results), read("quality_lr2e-3", results)),
     "mn_grid": lambda results: mn_grid(read("mn_grid", results)),
+    "tuned": lambda results: tuned(read("tune_final", results), read("tune_choice", results)),
+    "tuned_summary": lambda results: tuned_summary(read("tune_final", results), read("tune_choice", results)),
 }
 
 

@@ -31,6 +31,7 @@ import re
 from typing import Any, Optional, Sequence
 
 import quality
+from lor2c_hf.plotting import png_figure
 
 # (row name, variant): the rows of the tuned table. Two candidate options: lor2c_rs, rank-stabilised scaling
 # alpha / sqrt(r) (rsLoRA) at r = 8, which is LoR2C's alpha / r scaling with lora_alpha = 16 * sqrt(8) = 45.25; and
@@ -42,6 +43,10 @@ METHODS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16":
            "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c", "lor2c_rs": "lor2c@lora_alpha=45.25",
            "lor2c_plus": "lor2c@loraplus_lr_ratio=16", "lor2c_gauss": "lor2c@a_init=gaussian",
            "imlor2c_paper": "imlor2c:paper/paper"}
+ROW_LABELS = {"lora": "LoRA r=8", "lora_r4": "LoRA r=4", "lor2c": "LoR2C r=8", "lor2c_r16": "LoR2C r=16",
+              "imlor2c": "IMLoR2C (default merge rule)", "sharelor2c": "ShareLoR2C", "lor2c_rs": "LoR2C, rank-stabilised scaling",
+              "lor2c_plus": "LoR2C, LoRA+ (ratio 16)", "lor2c_gauss": "LoR2C, Gaussian A", "imlor2c_paper": "IMLoR2C, paper's merge rule"}
+CANDIDATES = ("lor2c_rs", "lor2c_plus", "lor2c_gauss", "imlor2c_paper")  # options under test, drawn apart
 LEARNING_RATES = (2.5e-4, 5e-4, 1e-3, 2e-3)
 SEEDS = 3
 
@@ -144,33 +149,66 @@ def _pm(entry: dict[str, Any]) -> str:
 
 
 # (row, reference row, row's label, reference's label, the question): the verdicts of the tuned table.
-QUESTIONS = [("lor2c_r16", "lora", "LoR2C r=16", "LoRA r=8", "equal parameters"),
-             ("lor2c", "lora_r4", "LoR2C r=8", "LoRA r=4", "equal parameters"),
-             ("lor2c", "lora", "LoR2C r=8", "LoRA r=8", "half of LoRA's parameters"),
-             ("imlor2c", "lor2c", "IMLoR2C", "LoR2C r=8", "IMLoR2C's events against none"),
-             ("lor2c_rs", "lor2c", "LoR2C r=8, rank-stabilised scaling", "LoR2C r=8", "the scaling option"),
-             ("lor2c_plus", "lor2c", "LoR2C r=8, LoRA+ (ratio 16)", "LoR2C r=8", "the LoRA+ option"),
-             ("lor2c_gauss", "lor2c", "LoR2C r=8, Gaussian A", "LoR2C r=8", "the init option"),
-             ("imlor2c", "imlor2c_paper", "IMLoR2C, code's merge rule (default)", "IMLoR2C, paper's rule", "the merge rule")]
+QUESTIONS = [("lor2c_r16", "lora", "equal parameters"), ("lor2c", "lora_r4", "equal parameters"),
+             ("lor2c", "lora", "half of LoRA's parameters"), ("imlor2c", "lor2c", "IMLoR2C's events against none"),
+             ("lor2c_rs", "lor2c", "the scaling option"), ("lor2c_plus", "lor2c", "the LoRA+ option"),
+             ("lor2c_gauss", "lor2c", "the init option"), ("imlor2c", "imlor2c_paper", "the merge rule")]
 
 
 def verdicts(summary: dict[str, Any], rates: dict[str, float]) -> list[dict[str, Any]]:
     """The sentences a user needs, each with the rates and budget it holds for."""
     out = []
-    for a, b, label_a, label_b, what in QUESTIONS:
+    for a, b, what in QUESTIONS:
         if a not in rates or b not in rates:
             continue
-        v = standing(summary, variant(a, rates[a]), variant(b, rates[b]), f"{label_a} (lr {rates[a]:g})",
-                     f"{label_b} (lr {rates[b]:g})")
+        v = standing(summary, variant(a, rates[a]), variant(b, rates[b]), f"{ROW_LABELS[a]} (lr {rates[a]:g})",
+                     f"{ROW_LABELS[b]} (lr {rates[b]:g})")
         if v:
             out.append({"question": what, "method": a, "reference": b, **v})
     return out
 
 
-def tuned_title(payload: dict[str, Any]) -> str:
-    seeds = sorted({s["n_seeds"] for s in payload["summary"].values()})
-    return (f"SST-2 dev accuracy, {payload['model']['name']}, {quality.budget(quality.HParams(**payload['hyperparameters']))}"
-            f", each method at its learning rate tuned on a validation slice, {'/'.join(map(str, seeds))} seed(s)")
+def plot_tuned(payload: dict[str, Any], rates: dict[str, float], path: str) -> None:
+    """Dev accuracy against adapter parameters, each row at its tuned rate, mean ± std over its seeds. Rows of one
+    size are spread a little sideways so their error bars do not hide each other."""
+    summary = payload["summary"]
+    rows = [b for b in METHODS if b in rates and variant(b, rates[b]) in summary]
+    seeds = sorted({summary[variant(b, rates[b])]["n_seeds"] for b in rows})
+    title = (f"SST-2 dev accuracy, {payload['model']['name']}, {quality.budget(quality.HParams(**payload['hyperparameters']))}"
+             f" of 1,000 sentences;\neach row at the learning rate it chose on a validation slice; mean ± std over "
+             f"{'/'.join(map(str, seeds))} seed(s)")
+    with png_figure(path, "tune.plot_tuned", figsize=(9.5, 5.2)) as (fig, ax):
+        from matplotlib.ticker import FuncFormatter
+
+        by_size: dict[int, list[str]] = {}
+        for b in rows:
+            by_size.setdefault(summary[variant(b, rates[b])]["adapter_params"], []).append(b)
+        for size, group in by_size.items():
+            for k, b in enumerate(group):
+                s = summary[variant(b, rates[b])]
+                x = size * (1 + 0.035 * (k - (len(group) - 1) / 2))
+                style = (("s", "#c05621") if quality.method_of(METHODS[b]) == "lora" else
+                         ("^", "#718096") if b in CANDIDATES else ("o", "#2b6cb0"))
+                ax.errorbar([x], [s["accuracy_mean"]], yerr=[s["accuracy_std"] or 0.0], fmt=style[0], color=style[1], capsize=4)
+                ax.annotate(f"{ROW_LABELS[b]}, lr {rates[b]:g}", (x, s["accuracy_mean"]), textcoords="offset points",
+                            xytext=(6, 3), fontsize=7, color=style[1])
+        ax.set_xscale("log")
+        low, top = ax.get_ylim()
+        middle = (low + top) / 2
+        ax.set_ylim(min(low, middle - 1.5), max(top, middle + 1.5))  # at least 3 points tall: one seed has no bar
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if str(int(v))[0] in "2345" else ""))
+        ax.tick_params(axis="x", which="both", labelsize=7)
+        left, right = ax.get_xlim()
+        ax.set_xlim(left / 1.05, right * 1.5)  # room for the labels
+        ax.set_xlabel("trainable adapter parameters (log scale)")
+        ax.set_ylabel("SST-2 dev accuracy %")
+        ax.plot([], [], "s", color="#c05621", label="PEFT LoRA (q, v)")
+        ax.plot([], [], "o", color="#2b6cb0", label="LoR2C family")
+        ax.plot([], [], "^", color="#718096", label="LoR2C options under test")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.suptitle(title, fontsize=9)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -254,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         payload["tuned_learning_rates"] = chosen
         quality.write_json(final_path, payload)
         png = os.path.join(args.output_dir, f"{final_name}.png")
-        quality.plot(payload["summary"], png, tuned_title(payload), quality.readable_labels(payload))
+        plot_tuned(payload, chosen, png)
         print(f"tune: wrote {final_path} and {png}")
         for v in payload["tuned_verdicts"]:
             print(f"tune: {v['question']}: {v['text']}")

@@ -36,6 +36,35 @@ def test_long_table_means_and_stds_are_the_runs_own(tmp_path):
         assert f"| {expected} | {len(accs)} of " in row
 
 
+def test_tuned_verdicts_in_the_readme_are_the_runs_own():
+    """The README's three tuned sentences, recomputed here from tune_final.json's runs at the rates tune_choice.json
+    chose on the validation slice (which that file's own grid must hold as its best): means, stds, gaps, 2 SE."""
+    final = json.loads(open(os.path.join(report.RESULTS, "tune_final.json"), encoding="utf-8").read())
+    choice = json.loads(open(os.path.join(report.RESULTS, "tune_choice.json"), encoding="utf-8").read())["choice"]
+    readme = open(README, encoding="utf-8").read()
+    block = report.pattern("tuned_summary").search(readme).group(1)
+    rows = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16", "imlor2c": "imlor2c:official/paper"}
+    stats = {}
+    for row, name in rows.items():
+        grid = {float(r): a for r, a in choice[row]["grid"].items()}
+        assert choice[row]["learning_rate"] == max(grid, key=lambda r: (grid[r], -r))  # chosen on validation, not dev
+        accs = [100 * r["accuracy"] for r in final["runs"] if r["method"] == f"{name}@learning_rate={choice[row]['learning_rate']:g}"]
+        if not accs:
+            assert f"{report.TUNED_LABELS[row]} against" in block or f"against {report.TUNED_LABELS[row]}" in block  # "not run yet"
+            continue
+        stats[row] = (statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0, len(accs))
+    pairs = [(a, b) for a, b in (("lor2c_r16", "lora"), ("lor2c", "lora_r4"), ("lor2c", "lora"), ("imlor2c", "lor2c"))
+             if a in stats and b in stats]
+    assert pairs
+    for a, b in pairs:
+        (ma, sa, na), (mb, sb, nb) = stats[a], stats[b]
+        assert f"{ma:.2f}" in block and f"{mb:.2f}" in block
+        gap, two_se = ma - mb, 2 * (sa ** 2 / na + sb ** 2 / nb) ** 0.5
+        word = "ahead of" if gap > two_se else "behind" if gap < -two_se else "level with"
+        word = word if min(na, nb) > 1 else "not yet comparable with"
+        assert f"**{word}** " in block and f"gap {gap:+.2f} points (2 standard errors {two_se:.2f}" in block
+
+
 def test_a_changed_number_makes_the_readme_block_stale(tmp_path, capsys):
     results = tmp_path / "results"
     shutil.copytree(report.RESULTS, results, ignore=shutil.ignore_patterns("*.png", "*.csv"))
