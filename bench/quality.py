@@ -50,6 +50,7 @@ from transformers.trainer_callback import PrinterCallback
 import bench_utils
 import lor2c_hf
 from lor2c_hf import LoR2CConfig, LoR2CTrainer, get_lor2c_model
+from lor2c_hf.config import CONNECTION_POSITIONS
 from lor2c_hf.plotting import png_figure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +102,7 @@ class HParams:
     max_grad_norm: float = 1.0
     loraplus_lr_ratio: float = 0.0  # > 0: LoRA+ (PEFT's create_loraplus_optimizer), B's learning rate = this x A's
     a_init: str = "kaiming"  # LoR2C's A: "kaiming" (PEFT's LoRA default) or "gaussian" (N(0, 1/r), PEFT's option)
+    connection_position: str = LoR2CConfig.connection_position  # LoR2C family: "block_output" or "before_output_norm"
     max_length: int = 64
     eval_batch_size: int = 64
 
@@ -226,6 +228,11 @@ def variant_hparams(variant: str, hp: HParams) -> tuple[str, HParams]:
 
 def build_adapter(method: str, model: torch.nn.Module, hp: HParams) -> tuple[torch.nn.Module, type]:
     """(model with `method`'s adapter, the Trainer class that trains it)."""
+    if hp.connection_position not in CONNECTION_POSITIONS:
+        raise BenchError(f"--methods ...@connection_position={hp.connection_position}: expected one of {', '.join(CONNECTION_POSITIONS)}.")
+    if method in ("lora", "reslora") and hp.connection_position != LoR2CConfig.connection_position:
+        raise BenchError(f"--methods {method}@connection_position={hp.connection_position}: the connection position is a "
+                         f"LoR2C-family option ({', '.join(lor2c_hf.METHODS)}); {method} has no connections between blocks.")
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -241,7 +248,8 @@ def build_adapter(method: str, model: torch.nn.Module, hp: HParams) -> tuple[tor
         raise BenchError(f"--methods: unknown method {method!r}; expected any of {KNOWN_METHODS}.")
     overrides: dict[str, Any] = dict(r=hp.r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, schedule=hp.schedule,
                                      inject_r=hp.inject_r, inject_alpha=hp.inject_alpha,
-                                     merge_criterion=hp.merge_criterion, merge_keep=hp.merge_keep)
+                                     merge_criterion=hp.merge_criterion, merge_keep=hp.merge_keep,
+                                     connection_position=hp.connection_position)
     if method in ("mergelor2c", "imlor2c"):
         overrides["num_merges"] = hp.num_merges
     if method in ("injectlor2c", "imlor2c"):

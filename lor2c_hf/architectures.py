@@ -38,6 +38,18 @@ QV_PROJECTIONS = {
 }
 DEFAULT_QV = ["q_proj", "v_proj"]  # Llama, Mistral, Qwen2, Gemma, Phi, OPT and most decoders
 
+# The final LayerNorm inside a post-LN block, `out = LN(h + FFN(h))`, by `config.model_type` (a path inside a block).
+OUTPUT_NORMS = {
+    "bert": "output.LayerNorm",  # also MiniLM
+    "roberta": "output.LayerNorm",
+    "xlm-roberta": "output.LayerNorm",
+    "electra": "output.LayerNorm",
+    "deberta-v2": "output.LayerNorm",
+    "distilbert": "output_layer_norm",
+}
+# Pre-LN blocks, `out = h + FFN(LN(h))`: no norm follows the residual sum (OPT is pre-LN unless do_layer_norm_before=False).
+PRE_LN = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi", "phi3", "gpt2", "gpt_neox", "gptj", "falcon", "bloom", "opt")
+
 # Heads of task models that are not in the base model: trained and saved with the adapter.
 TASK_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 
@@ -94,6 +106,41 @@ def layerdrop_problem(model: nn.Module, owner: str, what: str) -> Optional[str]:
             f"which skips random blocks in training; {owner} {what} reads a hidden state saved in an earlier block, so a "
             "skipped block would leave it stale (a later forward would add the previous batch's). Turn LayerDrop off "
             "before wrapping: " + "; ".join(f"model.{n}.layerdrop = 0.0" for n in dropping) + ".")
+
+
+def detect_output_norm(model: nn.Module) -> Optional[str]:
+    """The path, inside a block, of the final LayerNorm of a known post-LN architecture, or None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "opt" and getattr(config, "do_layer_norm_before", True) is False:
+        return "final_layer_norm"  # OPT-350m: post-LN
+    return OUTPUT_NORMS.get(getattr(config, "model_type", None))
+
+
+def output_norm_problem(model: nn.Module, blocks: list[nn.Module], path: Optional[str], option: str) -> Optional[str]:
+    """Why the connection cannot be added before the final norm `path` of every block (None: detect it), or None.
+
+    `option` names the setting in the message (e.g. "LoR2CConfig.connection_position='before_output_norm'").
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    what = f"{type(model).__name__} (model_type={model_type!r})"
+    expected = (f"expected a post-LN block, out = LayerNorm(h + FFN(h)), whose final LayerNorm is detected for "
+                f"{sorted(OUTPUT_NORMS)} or named by LoR2CConfig.output_norm (a path inside a block); use "
+                "connection_position='block_output' for this model")
+    pre_ln = model_type in PRE_LN and detect_output_norm(model) is None
+    if pre_ln:
+        return (f"{option} does not apply to {what}: its blocks are pre-LN (out = h + FFN(LN(h))), so no LayerNorm follows "
+                f"the residual sum; {expected}.")
+    if path is None:
+        return f"{option}: {what} is not a known post-LN architecture and LoR2CConfig.output_norm is unset; {expected}."
+    for k, block in enumerate(blocks):
+        norm = dict(block.named_modules()).get(path)
+        if norm is None or not ("norm" in type(norm).__name__.lower()):
+            norms = [n for n, m in block.named_modules() if n and "norm" in type(m).__name__.lower()]
+            found = "no module" if norm is None else f"a {type(norm).__name__}, not a norm"
+            return (f"{option}: LoR2CConfig.output_norm={path!r} names {found} in block {k} ({type(block).__name__}) of "
+                    f"{what}; its norm modules are {norms}; {expected}.")
+    return None
 
 
 def _config_depth(model: nn.Module) -> Optional[int]:

@@ -19,6 +19,7 @@ MERGE_CRITERIA = ("paper", "official")
 MERGE_KEEP = ("paper", "official")
 SCHEDULES = ("epochs", "steps")
 ZERO_B_SCORES = ("spec", "official")
+CONNECTION_POSITIONS = ("block_output", "before_output_norm")  # = modeling_lor2c.BLOCK_OUTPUT, BEFORE_OUTPUT_NORM
 CONFIG_NAME = "adapter_config.json"
 MAX_ALPHA = 1e6  # a larger lora_alpha overflows the first forward's activations (float16 at once, float32 soon)
 # What each method's name sets when the field is left unset (the paper's defaults); other fields: no share, no events.
@@ -186,6 +187,8 @@ class LoR2CConfig(AdapterConfigIO):
     inject_dropout: float = field(default=0.05, metadata={"help": "Dropout of the injected LoRA."})
     inject_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Names (inside a block) of the projections that receive injected LoRA; default: the query and value projections detected for the architecture."})
     schedule: str = field(default="epochs", metadata={"help": "'epochs' = events at epoch ends per the paper's eqs. 11-12; 'steps' = at fractional epochs k*E/(4M), checked every optimizer step."})
+    connection_position: str = field(default="block_output", metadata={"help": "Where a span's connection is added: 'block_output' = to the output of its last block (the paper's form, the default); 'before_output_norm' = to the input of its last block's final LayerNorm, LN(h + FFN(h) + s B A x), so the connection is normalised like the block's own residual. The second needs post-LN blocks (BERT, RoBERTa, ELECTRA, MiniLM, DistilBERT, DeBERTa-v2) and is refused on pre-LN decoders (Llama, GPT-2, ...); an option under evaluation, not a default."})
+    output_norm: Optional[str] = field(default=None, metadata={"help": "With connection_position='before_output_norm': the path, inside a block, of the block's final LayerNorm (e.g. 'output.LayerNorm'); detected for known post-LN encoders when unset. Must stay unset with 'block_output'."})
     blocks_path: Optional[str] = field(default=None, metadata={"help": "Dotted path of the transformer block ModuleList (e.g. 'model.layers'); detected when unset."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules trained and saved with the adapter (task heads); detected for classification models when unset."})
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model this adapter belongs to (filled in when the adapter is created)."})
@@ -218,8 +221,12 @@ class LoR2CConfig(AdapterConfigIO):
         if self.inject_r is None:
             self.inject_r = max(1, self.r // 2)
         _check(is_int(self.inject_r) and self.inject_r >= 1, "inject_r", self.inject_r, "an integer >= 1")
+        _check(isinstance(self.connection_position, str) and self.connection_position in CONNECTION_POSITIONS,
+               "connection_position", self.connection_position, f"one of {CONNECTION_POSITIONS}")
         self._names_as_lists("inject_target_modules", "modules_to_save")
-        self._check_optional_names("blocks_path", "base_model_name_or_path")
+        self._check_optional_names("blocks_path", "base_model_name_or_path", "output_norm")
+        _check(self.output_norm is None or self.connection_position == "before_output_norm", "output_norm", self.output_norm,
+               "None with connection_position='block_output' (the block's norm is read only with 'before_output_norm')")
 
     @property
     def inject_scaling(self) -> float:

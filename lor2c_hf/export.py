@@ -62,7 +62,8 @@ def merge_and_unload(adapter: Any) -> nn.Module:
     c = adapter.lor2c_config
     spec = {"blocks_path": blocks_name(base, adapter._blocks), "spans": [list(s) for s in adapter._structure.spans],
             "r": c.r, "scaling": c.lora_alpha / c.r, "hidden_size": adapter.hidden_size, "method": c.method,
-            "folded_injected_blocks": list(adapter._structure.injected)}
+            "folded_injected_blocks": list(adapter._structure.injected),
+            "connection_position": c.connection_position, "output_norm": adapter._output_norm}
     adapter._unmerged_weights = {}
     for (block, name), delta in deltas.items():
         module = adapter._targets[block][name]

@@ -2,7 +2,9 @@
 
 The base model keeps its own forward, modules and `state_dict` keys: connections are added by one forward
 hook per block (outside any gradient-checkpointed region) and injected LoRA by forward hooks on the q/v
-projections. Merges and injects change only which slots those hooks read (see `layer.py`).
+projections. With `connection_position="before_output_norm"` a forward pre-hook on each block's final LayerNorm
+adds the connection to that norm's input instead (inside the block, so a checkpointed block recomputes it).
+Merges and injects change only which slots those hooks read (see `layer.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .config import ConfigError, LoR2CConfig, check_adapter_config, events_probl
 from .guards import NonFiniteError
 from .distributed import broadcast_decision, full_numel, gathered
 from .layer import InjectedLoRA, LoR2CConnections, LoraLayer, merge_into_projection
-from .modeling_lor2c import span_output
+from .modeling_lor2c import (BEFORE_OUTPUT_NORM, norm_input, register_span_hooks, span_output, span_starts,
+                             stash_span_input)
 from .serialization import AdapterIOMixin
 from .wrapper import AdapterModelMixin, adapter_placement, check_modules_to_save
 from .zero3 import ExternalParameterDeclarations
@@ -57,7 +60,7 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         self._blocks = list(blocks)  # a plain list: the blocks are the base's, and its state_dict has them once
         self.num_blocks = len(self._blocks)
         self.hidden_size = arch.hidden_size(model, self._blocks)
-        self._validate_against_model()
+        self._output_norm = self._validate_against_model()  # the path of each block's final norm, or None
         device, dtype = adapter_placement(model)  # like PEFT, train adapters in fp32
         self.lor2c = LoR2CConnections(self.num_blocks, self.hidden_size, config.r, config.lora_alpha,
                                       config.lora_dropout, config.share_a, device=device, dtype=dtype)
@@ -71,6 +74,8 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
                                                device=device, dtype=dtype)
         if config.modules_to_save is None:
             config.modules_to_save = arch.detect_task_heads(model)
+        if self._output_norm is not None:
+            config.output_norm = self._output_norm  # saved with the adapter: where its connections are added
         self._freeze_base()
         self._structure = Structure.initial(self.num_blocks)
         self._stash: dict[int, torch.Tensor] = {}
@@ -80,8 +85,7 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         self._zero3 = ExternalParameterDeclarations(self.lor2c.lora_B[0], self._external_parameters)
         self._block_hooks = [
             self._blocks[0].register_forward_pre_hook(self._zero3.declare_once),
-            *(block.register_forward_hook(partial(self._block_hook, i), with_kwargs=True)
-              for i, block in enumerate(self._blocks)),
+            *register_span_hooks(self._blocks, self._output_norm, self._block_hook, self._span_input_hook, self._norm_hook),
         ]
         self._rebuild_plan()
         self.train(model.training)  # new adapter modules follow the base's mode (no dropout on an eval-mode base)
@@ -92,7 +96,9 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
 
     # --- construction ------------------------------------------------------------------------------------
 
-    def _validate_against_model(self) -> None:
+    def _validate_against_model(self) -> Optional[str]:
+        """Refuse a config that does not fit the model (nothing is changed yet); the path of the blocks' final norm
+        when connections are added before it, else None."""
         c, d, L = self.lor2c_config, self.hidden_size, self.num_blocks
         if c.r > d:
             raise ConfigError(f"LoR2CConfig.r={c.r} exceeds the hidden size {d} of {type(self.get_base_model()).__name__}; expected 1 <= r <= {d}.")
@@ -102,6 +108,14 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         if problem:
             raise ConfigError(problem)
         check_modules_to_save(self.get_base_model(), c.modules_to_save, "LoR2CConfig")
+        if c.connection_position != BEFORE_OUTPUT_NORM:
+            return None
+        path = c.output_norm or arch.detect_output_norm(self.get_base_model())
+        problem = arch.output_norm_problem(self.get_base_model(), self._blocks, path,
+                                           f"LoR2CConfig.connection_position={BEFORE_OUTPUT_NORM!r}")
+        if problem:
+            raise ConfigError(problem)
+        return path
 
     def _check_inject_rank(self, shapes: list[dict[str, tuple[int, int]]]) -> None:
         """inject_r fits every target projection, checked before its LoRA is allocated (a crafted config with
@@ -114,10 +128,10 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     # --- forward -------------------------------------------------------------------------------------------
 
     def _rebuild_plan(self) -> None:
-        """Per block: the span ending there (start, slot), and which blocks start a multi-block span."""
+        """Per block: the span ending there (start, slot), and which blocks' inputs are kept for a later hook."""
         s = self._structure
         self._ends = {e: (b, slot) for (b, e), slot in zip(s.spans, s.owners)}
-        self._multi_starts = {b for b, e in s.spans if b != e}
+        self._starts = span_starts(s.spans, self.lor2c_config.connection_position)
         for handle in self._inject_hooks:
             handle.remove()
         self._inject_hooks = []
@@ -133,7 +147,24 @@ class LoR2CModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
     def _block_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self._adapter_enabled:
             return output
-        return span_output(index, args, kwargs, output, self._multi_starts, self._ends, self._stash, self.lor2c)
+        return span_output(index, args, kwargs, output, self._starts, self._ends, self._stash, self.lor2c,
+                           self._output_norm is not None)
+
+    def _span_input_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of a block (before the output norm only): keep a span's input for its last block's norm."""
+        if self._adapter_enabled:
+            stash_span_input(index, args, kwargs, self._starts, self._stash)
+
+    def _norm_hook(self, index: int, module: nn.Module, args: tuple) -> Optional[tuple]:
+        """Forward pre-hook of block `index`'s final norm: its input with the connection of the span ending there added
+        (each slot's call still runs once per forward pass, here instead of in the block hook)."""
+        return norm_input(index, args, self._ends, self._stash, self.lor2c) if self._adapter_enabled else None
+
+    def _check_checkpointing(self, kwargs: Optional[dict]) -> None:
+        if (kwargs or {}).get("use_reentrant") and self._output_norm is not None:
+            raise ValueError(f"LoR2CConfig.connection_position={BEFORE_OUTPUT_NORM!r} adds each connection inside its last "
+                             "block, from a hidden state saved before that block, which reentrant checkpointing cannot "
+                             "recompute; use gradient_checkpointing_kwargs={'use_reentrant': False} (the default).")
 
     def _external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """Adapter parameters read outside their owner's forward (for ZeRO-3, see `zero3.py`)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import transformers
@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 CONFIG_KEY = "lor2c_serving"  # the config.json entry that describes the connections
+# Where a span's connection is added: to its last block's output, or to the input of that block's final LayerNorm.
+BLOCK_OUTPUT, BEFORE_OUTPUT_NORM = "block_output", "before_output_norm"
 MODULE_NAME = "modeling_lor2c"
 MARKER = "# ---- the classes of this folder (generated) ----"
 # Task heads and the transformers auto class whose mapping holds them, by the end of the class name.
@@ -59,15 +61,30 @@ def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     raise TypeError("Cannot find the hidden-state input of a block: expected a tensor as first argument or hidden_states=.")
 
 
+def span_starts(spans: list[Any], position: str) -> set[int]:
+    """The blocks whose input a hook must keep for a later one: the first blocks of multi-block spans (a single-block
+    span reads its block's own input), or, before the output norm, of every span (the norm's hook has no block input)."""
+    return {first for first, last in spans if position == BEFORE_OUTPUT_NORM or first != last}
+
+
 def span_output(index: int, args: tuple, kwargs: dict, output: Any, starts: Any, ends: dict[int, tuple[int, Any]],
-                stash: dict[int, torch.Tensor], add: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]) -> Any:
+                stash: dict[int, torch.Tensor], add: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor],
+                before_norm: bool = False) -> Any:
     """Block `index`'s output with the connection of the span ending there added (SPEC eq. 1 on a span).
 
     A span's input is the hidden state its first block was called with: kept in `stash` at a block in
     `starts` until the span's last block. `ends` maps a last block to (first block, key), and
     `add(key, x, block_output)` computes the block output plus the connection. The trained adapter and the
     exported model both add their connections through this one function.
+
+    `before_norm`: the connection was added inside the block, before its output norm (`norm_input`), so the output
+    is returned as it is and the span's input is only released, once no backward pass can recompute the block.
     """
+    if before_norm:
+        end = ends.get(index)
+        if end is not None and not torch.is_grad_enabled():
+            stash.pop(end[0], None)
+        return output
     if index in starts:
         stash[index] = hidden_input(args, kwargs)
     end = ends.get(index)
@@ -78,9 +95,50 @@ def span_output(index: int, args: tuple, kwargs: dict, output: Any, starts: Any,
     return with_hidden_output(output, add(key, x, hidden_output(output)))
 
 
+def stash_span_input(index: int, args: tuple, kwargs: dict, starts: Any, stash: dict[int, torch.Tensor]) -> None:
+    """Block pre-hook, before the output norm: keep the input of a block that starts a span for its last block's norm."""
+    if index in starts:
+        stash[index] = hidden_input(args, kwargs)
+
+
+def norm_input(index: int, args: tuple, ends: dict[int, tuple[int, Any]], stash: dict[int, torch.Tensor],
+               add: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]) -> Optional[tuple]:
+    """Pre-hook of block `index`'s output norm: its input `h + FFN(h)` with the connection of the span ending there
+    added, so the block computes `LN(h + FFN(h) + s B A x)`; None (input unchanged) where no span ends.
+
+    The span's input is read, not popped: under gradient checkpointing the block, this hook included, runs again
+    in the backward pass and must find the same tensor (`span_output(..., before_norm=True)` releases it).
+    """
+    end = ends.get(index)
+    if end is None:
+        return None
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise TypeError(f"The output norm of block {index} was called without a tensor as first argument; the connection "
+                        "is added to that argument (connection_position='before_output_norm').")
+    start, key = end
+    return (add(key, stash[start], args[0]), *args[1:])
+
+
+def register_span_hooks(blocks: Any, output_norm: Optional[str], block_hook: Callable, input_hook: Callable,
+                        norm_hook: Callable) -> list[Any]:
+    """Hook the connections onto `blocks`; each hook gets the block index first. `block_hook` (a forward hook with
+    kwargs) on every block; with `output_norm` (the path of each block's final norm, before the output norm) also
+    `input_hook` (a forward pre-hook with kwargs) on every block and `norm_hook` (a forward pre-hook) on its norm.
+    Merges and injects change only what the hooks read, never the hooks. Partials of bound methods, not closures,
+    so that `copy.deepcopy` of the model hooks the copy."""
+    handles = []
+    for i, block in enumerate(blocks):
+        if output_norm is not None:
+            handles.append(block.register_forward_pre_hook(partial(input_hook, i), with_kwargs=True))
+            handles.append(block.get_submodule(output_norm).register_forward_pre_hook(partial(norm_hook, i)))
+        handles.append(block.register_forward_hook(partial(block_hook, i), with_kwargs=True))
+    return handles
+
+
 class LoR2CSpans(nn.Module):
     """The trained connections for inference: span i reads the hidden state entering block `spans[i][0]` and adds
-    `scaling * B_i A_i x` to the output of block `spans[i][1]` (no dropout: this is the serving form)."""
+    `scaling * B_i A_i x` to the output of block `spans[i][1]` (or to the input of its output norm, see
+    `norm_input`; no dropout: this is the serving form)."""
 
     def __init__(self, spans: list[list[int]], hidden_size: int, r: int, scaling: float) -> None:
         super().__init__()
@@ -104,15 +162,21 @@ class LoR2CServingMixin:
         self.attach_lor2c(LoR2CSpans(spec["spans"], spec["hidden_size"], spec["r"], spec["scaling"]))
 
     def attach_lor2c(self, spans: LoR2CSpans) -> None:
-        """Add `spans` as the submodule `lor2c` and hook it onto the blocks at `config.lor2c_serving["blocks_path"]`."""
+        """Add `spans` as the submodule `lor2c` and hook it onto the blocks at `config.lor2c_serving["blocks_path"]`,
+        at the position it names (`connection_position`: a folder written before the option adds at block outputs)."""
+        spec = getattr(self.config, CONFIG_KEY)
+        position = spec.get("connection_position", BLOCK_OUTPUT)
+        if position not in (BLOCK_OUTPUT, BEFORE_OUTPUT_NORM):
+            raise ValueError(f"{CONFIG_KEY}.connection_position={position!r} is not one this code knows "
+                             f"({BLOCK_OUTPUT!r}, {BEFORE_OUTPUT_NORM!r}): the folder was written by a newer lor2c_hf.")
         self.lor2c = spans
-        blocks = self.get_submodule(getattr(self.config, CONFIG_KEY)["blocks_path"])
+        blocks = self.get_submodule(spec["blocks_path"])
         self._lor2c_ends = {end: (start, i) for i, (start, end) in enumerate(spans.spans)}
-        self._lor2c_starts = {start for start, end in spans.spans if start != end}
+        self._lor2c_starts = span_starts(spans.spans, position)
         self._lor2c_stash: dict[int, torch.Tensor] = {}
-        # partials of a bound method, not closures, so that `copy.deepcopy` of the model hooks the copy
-        self._lor2c_hooks = [block.register_forward_hook(partial(self._lor2c_hook, i), with_kwargs=True)
-                             for i, block in enumerate(blocks)]
+        self._lor2c_before_norm = position == BEFORE_OUTPUT_NORM
+        self._lor2c_hooks = register_span_hooks(blocks, spec["output_norm"] if self._lor2c_before_norm else None,
+                                                self._lor2c_hook, self._lor2c_input_hook, self._lor2c_norm_hook)
 
     def detach_lor2c(self) -> None:
         """Remove the hooks and the `lor2c` submodule (what remains computes the bare base model)."""
@@ -123,7 +187,13 @@ class LoR2CServingMixin:
 
     def _lor2c_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return span_output(index, args, kwargs, output, self._lor2c_starts, self._lor2c_ends, self._lor2c_stash,
-                           self.lor2c.add)
+                           self.lor2c.add, self._lor2c_before_norm)
+
+    def _lor2c_input_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        stash_span_input(index, args, kwargs, self._lor2c_starts, self._lor2c_stash)
+
+    def _lor2c_norm_hook(self, index: int, module: nn.Module, args: tuple) -> Optional[tuple]:
+        return norm_input(index, args, self._lor2c_ends, self._lor2c_stash, self.lor2c.add)
 
     def _lor2c_bases(self) -> tuple[type, type]:
         """(the transformers model class, its config class) under this folder's classes."""

@@ -217,17 +217,6 @@ class ResLoRAModel(AdapterIOMixin, AdapterModelMixin, nn.Module):
         b = torch.cat([m.lora_B.weight for m in layers], dim=1)  # (out, k r)
         return add_scaled_up_projection(output, F.linear(layers[0].dropped_input(x), a), b, layers[0].scaling)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        self._check_checkpointing(gradient_checkpointing_kwargs)
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs)
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
-        """What `Trainer` calls: checkpoint the base blocks (non-reentrant) with inputs that require grad."""
-        self._check_checkpointing(activation_checkpointing_kwargs)
-        self.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
-        if hasattr(self.get_base_model(), "enable_input_require_grads"):
-            self.get_base_model().enable_input_require_grads()
-
     def _check_checkpointing(self, kwargs: Optional[dict]) -> None:
         if (kwargs or {}).get("use_reentrant") and self.reslora_config.res_flag in ("is", "ms"):
             raise ValueError(f"ResLoRA res_flag={self.reslora_config.res_flag!r} sends gradients between layers, which "

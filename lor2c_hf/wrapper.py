@@ -273,10 +273,21 @@ class AdapterModelMixin(PeftModel):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         """Checkpoint the base blocks; inputs require grad so LoRA inside a checkpointed block still trains."""
+        self._check_checkpointing(gradient_checkpointing_kwargs)
         base = self.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """What `Trainer` calls: checkpoint the base blocks (non-reentrant) with inputs that require grad."""
+        self._check_checkpointing(activation_checkpointing_kwargs)
+        self.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        if hasattr(self.get_base_model(), "enable_input_require_grads"):
+            self.get_base_model().enable_input_require_grads()
+
+    def _check_checkpointing(self, kwargs: Optional[dict]) -> None:
+        """Refuse checkpointing settings this adapter cannot train under (none here; a subclass names its own)."""
 
     @property
     def accepts_loss_kwargs(self) -> bool:

@@ -339,3 +339,23 @@ def test_gaussian_a_init_variant_draws_a_from_n0_1_over_r(workspace):
     assert stds["gaussian"] == pytest.approx(1 / 8, rel=0.1)
     with pytest.raises(quality.BenchError, match="expected kaiming or gaussian"):
         quality.build_adapter("lor2c", quality.load_classifier(model_dir, 0), quality.dataclasses.replace(hp, a_init="orthogonal"))
+
+
+def test_connection_position_variant_reaches_the_model(workspace):
+    """`lor2c@connection_position=before_output_norm` builds a LoR2C config with it (the norm of each block hooked);
+    LoRA and ResLoRA, which have no connections, and an unknown position are refused by name."""
+    quality = _bench_module("quality")
+    _, _, model_dir = workspace
+    method, hp = quality.variant_hparams("sharelor2c@connection_position=before_output_norm", quality.HParams())
+    model, _ = quality.build_adapter(method, quality.load_classifier(model_dir, 0), hp)
+    assert model.lor2c_config.connection_position == "before_output_norm"
+    assert model.lor2c_config.output_norm == "output.LayerNorm"
+    assert model.get_base_model().roberta.encoder.layer[0].output.LayerNorm._forward_pre_hooks
+    default, _ = quality.build_adapter("lor2c", quality.load_classifier(model_dir, 0), quality.HParams())
+    assert default.lor2c_config.connection_position == "block_output"
+    for method in ("lora", "reslora"):
+        with pytest.raises(quality.BenchError, match=f"{method}@connection_position=before_output_norm: the connection"):
+            quality.build_adapter(method, quality.load_classifier(model_dir, 0), hp)
+    with pytest.raises(quality.BenchError, match="expected one of block_output, before_output_norm"):
+        quality.build_adapter("lor2c", quality.load_classifier(model_dir, 0),
+                              quality.dataclasses.replace(hp, connection_position="after_norm"))
