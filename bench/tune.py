@@ -6,8 +6,9 @@ shipped training data (rows 1000..1871 of `recipes/data/SST-2/train.tsv`, which 
 rows do not reach), seed 0, from `--learning_rates`; then 3 seeds at the chosen rate are scored on the
 872-sentence dev set, which the choice never saw. Methods: LoRA r=8 and r=4, LoR2C r=8 and r=16, IMLoR2C (the
 library's default merge rule) and ShareLoR2C, so that LoR2C r=16 meets LoRA r=8, and LoRA r=4 meets LoR2C r=8,
-at equal adapter parameters; and three candidate options: rank-stabilised scaling (alpha / sqrt(r)),
-LoRA+ (B's learning rate 16x A's) and a Gaussian init of A.
+at equal adapter parameters; and candidate options: rank-stabilised scaling (alpha / sqrt(r)), LoRA+ (B's
+learning rate 16x A's), a Gaussian init of A, the connection added before the block's final LayerNorm, and
+IMLoR2C under the paper's merge rule.
 
     python bench/tune.py --stage search --threads 1 [--part 1/2]   # the grid, on the validation slice (resumable)
     python bench/tune.py --stage choose                            # each method's best rate -> results/tune_choice.json
@@ -16,8 +17,8 @@ LoRA+ (B's learning rate 16x A's) and a Gaussian init of A.
     python bench/tune.py --stage search --rows lora --learning_rates 4e-3 --suffix _extra   # widen one row's grid
     python bench/tune.py --smoke --model_dir <tiny model> --data_dir <folder>   # every stage, a few steps
 
-A best rate at the edge of the grid is reported as such (widen `--learning_rates`). About 10 min per run on one
-core: the grid is 40 runs, the final table 30. Not part of CI.
+A best rate at the edge of the grid is reported as such (widen `--learning_rates`). About 6 min per run on one
+core: 4 grid runs and 3 final runs a row (11 rows). Not part of CI.
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ from lor2c_hf.plotting import png_figure
 # alpha / sqrt(r) (rsLoRA) at r = 8, which is LoR2C's alpha / r scaling with lora_alpha = 16 * sqrt(8) = 45.25; and
 # lor2c_plus, LoRA+ (B learns 16x faster than A, PEFT's create_loraplus_optimizer, the LoRA+ paper's ratio);
 # lor2c_gauss, A drawn from N(0, 1/r) instead of Kaiming-uniform. imlor2c_paper: the paper's merge rule, so that the
-# default rule (chosen earlier on dev) is re-chosen on the validation slice. New rows go last: --part keeps
-# earlier assignments.
+# default rule (chosen earlier on dev) is re-chosen on the validation slice. lor2c_ln: the connection added to the
+# input of each post-LN block's final LayerNorm, LN(h + FFN(h) + s B A x), instead of after it. New rows go last:
+# --part keeps earlier assignments.
 METHODS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16",
            "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c", "lor2c_rs": "lor2c@lora_alpha=45.25",
            "lor2c_plus": "lor2c@loraplus_lr_ratio=16", "lor2c_gauss": "lor2c@a_init=gaussian",
-           "imlor2c_paper": "imlor2c:paper/paper"}
+           "imlor2c_paper": "imlor2c:paper/paper", "lor2c_ln": "lor2c@connection_position=before_output_norm"}
 ROW_LABELS = {"lora": "LoRA r=8", "lora_r4": "LoRA r=4", "lor2c": "LoR2C r=8", "lor2c_r16": "LoR2C r=16",
               "imlor2c": "IMLoR2C (default merge rule)", "sharelor2c": "ShareLoR2C", "lor2c_rs": "LoR2C, rank-stabilised scaling",
-              "lor2c_plus": "LoR2C, LoRA+ (ratio 16)", "lor2c_gauss": "LoR2C, Gaussian A", "imlor2c_paper": "IMLoR2C, paper's merge rule"}
-CANDIDATES = ("lor2c_rs", "lor2c_plus", "lor2c_gauss", "imlor2c_paper")  # options under test, drawn apart
+              "lor2c_plus": "LoR2C, LoRA+ (ratio 16)", "lor2c_gauss": "LoR2C, Gaussian A", "imlor2c_paper": "IMLoR2C, paper's merge rule",
+              "lor2c_ln": "LoR2C, added before the output LayerNorm"}
+CANDIDATES = ("lor2c_rs", "lor2c_plus", "lor2c_gauss", "imlor2c_paper", "lor2c_ln")  # options under test, drawn apart
 LEARNING_RATES = (2.5e-4, 5e-4, 1e-3, 2e-3)
 SEEDS = 3
 
@@ -152,7 +155,8 @@ def _pm(entry: dict[str, Any]) -> str:
 QUESTIONS = [("lor2c_r16", "lora", "equal parameters"), ("lor2c", "lora_r4", "equal parameters"),
              ("lor2c", "lora", "half of LoRA's parameters"), ("imlor2c", "lor2c", "IMLoR2C's events against none"),
              ("lor2c_rs", "lor2c", "the scaling option"), ("lor2c_plus", "lor2c", "the LoRA+ option"),
-             ("lor2c_gauss", "lor2c", "the init option"), ("imlor2c", "imlor2c_paper", "the merge rule")]
+             ("lor2c_gauss", "lor2c", "the init option"), ("imlor2c", "imlor2c_paper", "the merge rule"),
+             ("lor2c_ln", "lor2c", "the LayerNorm placement")]
 
 
 def verdicts(summary: dict[str, Any], rates: dict[str, float]) -> list[dict[str, Any]]:

@@ -206,7 +206,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     search = json.loads((out / "tune_smoke_search.json").read_text())
     assert search["data"]["eval_rows"] == 16 and "train.tsv rows 64..79" in search["data"]["metric"]
-    assert len(search["runs"]) == 20 and {r["seed"] for r in search["runs"]} == {0}
+    assert len(search["runs"]) == 2 * len(TUNE_ROWS) and {r["seed"] for r in search["runs"]} == {0}
     choice = json.loads((out / "tune_smoke_choice.json").read_text())["choice"]
     rule = choice.pop("merge_rule_on_validation")
     assert rule["validation_accuracy"] == {b: choice[b]["validation_accuracy"] for b in ("imlor2c", "imlor2c_paper")}
@@ -226,7 +226,8 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
     assert params["lor2c@r=16@"] == params["lora@"] and params["lora@r=4@"] == params["lor2c@"]  # the equal budgets
     questions = [v["question"] for v in final["tuned_verdicts"]]
     assert questions == ["equal parameters", "equal parameters", "half of LoRA's parameters", "IMLoR2C's events against none",
-                         "the scaling option", "the LoRA+ option", "the init option", "the merge rule"]
+                         "the scaling option", "the LoRA+ option", "the init option", "the merge rule",
+                         "the LayerNorm placement"]
     for v in final["tuned_verdicts"]:
         a, b = (final["summary"][f"{TUNE_ROWS[k]}@learning_rate={choice[k]['learning_rate']:g}"]
                 for k in (v["method"], v["reference"]))
@@ -274,7 +275,7 @@ def test_tune_picks_each_rate_on_validation_rows_and_reports_equal_budget_verdic
 TUNE_ROWS = {"lora": "lora", "lora_r4": "lora@r=4", "lor2c": "lor2c", "lor2c_r16": "lor2c@r=16",
              "imlor2c": "imlor2c:official/paper", "sharelor2c": "sharelor2c", "lor2c_rs": "lor2c@lora_alpha=45.25",
              "lor2c_plus": "lor2c@loraplus_lr_ratio=16", "lor2c_gauss": "lor2c@a_init=gaussian",
-             "imlor2c_paper": "imlor2c:paper/paper"}
+             "imlor2c_paper": "imlor2c:paper/paper", "lor2c_ln": "lor2c@connection_position=before_output_norm"}
 
 
 def test_validation_rows_must_lie_past_the_training_rows():
