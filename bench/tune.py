@@ -49,6 +49,8 @@ ROW_LABELS = {"lora": "LoRA r=8", "lora_r4": "LoRA r=4", "lor2c": "LoR2C r=8", "
               "imlor2c": "IMLoR2C (default merge rule)", "sharelor2c": "ShareLoR2C", "lor2c_rs": "LoR2C, rank-stabilised scaling",
               "lor2c_plus": "LoR2C, LoRA+ (ratio 16)", "lor2c_gauss": "LoR2C, Gaussian A", "imlor2c_paper": "IMLoR2C, paper's merge rule",
               "lor2c_ln": "LoR2C, added before the output LayerNorm"}
+SHORT_LABELS = {"imlor2c": "IMLoR2C", "lor2c_rs": "rs scaling", "lor2c_plus": "LoRA+", "lor2c_gauss": "Gaussian A",
+                "imlor2c_paper": "IMLoR2C, paper's rule", "lor2c_ln": "before LayerNorm"}  # the chart's point labels
 CANDIDATES = ("lor2c_rs", "lor2c_plus", "lor2c_gauss", "imlor2c_paper", "lor2c_ln")  # options under test, drawn apart
 LEARNING_RATES = (2.5e-4, 5e-4, 1e-3, 2e-3)
 SEEDS = 3
@@ -179,7 +181,7 @@ def plot_tuned(payload: dict[str, Any], rates: dict[str, float], path: str) -> N
     rows = [b for b in METHODS if b in rates and variant(b, rates[b]) in summary]
     seeds = sorted({summary[variant(b, rates[b])]["n_seeds"] for b in rows})
     title = (f"SST-2 dev accuracy, {payload['model']['name']}, {quality.budget(quality.HParams(**payload['hyperparameters']))}"
-             f" of 1,000 sentences;\neach row at the learning rate it chose on a validation slice; mean ± std over "
+             f" of 1,000 sentences;\neach row at the learning rate (in brackets) it chose on a validation slice; mean ± std over "
              f"{'/'.join(map(str, seeds))} seed(s)")
     with png_figure(path, "tune.plot_tuned", figsize=(9.5, 5.2)) as (fig, ax):
         from matplotlib.ticker import FuncFormatter
@@ -190,12 +192,12 @@ def plot_tuned(payload: dict[str, Any], rates: dict[str, float], path: str) -> N
         for size, group in by_size.items():
             for k, b in enumerate(group):
                 s = summary[variant(b, rates[b])]
-                x = size * (1 + 0.035 * (k - (len(group) - 1) / 2))
+                x = size * (1 + 0.015 * (k - (len(group) - 1) / 2))
                 style = (("s", "#c05621") if quality.method_of(METHODS[b]) == "lora" else
                          ("^", "#718096") if b in CANDIDATES else ("o", "#2b6cb0"))
                 ax.errorbar([x], [s["accuracy_mean"]], yerr=[s["accuracy_std"] or 0.0], fmt=style[0], color=style[1], capsize=4)
-                ax.annotate(f"{ROW_LABELS[b]}, lr {rates[b]:g}", (x, s["accuracy_mean"]), textcoords="offset points",
-                            xytext=(6, 3), fontsize=7, color=style[1])
+                ax.annotate(f"{SHORT_LABELS.get(b, ROW_LABELS[b])} ({rates[b]:g})", (x, s["accuracy_mean"]),
+                            textcoords="offset points", xytext=(5, 2), fontsize=7, color=style[1])
         ax.set_xscale("log")
         low, top = ax.get_ylim()
         middle = (low + top) / 2
