@@ -92,12 +92,12 @@ def validation_grids(args: argparse.Namespace) -> dict[str, dict[float, float]]:
     """Each row's validation accuracy (%) by learning rate, from every search file: the grid of `--learning_rates`
     plus any rate a row was searched at beyond it (a widened edge)."""
     grids: dict[str, dict[float, float]] = {base: {} for base in METHODS}
+    row_of = {name: base for base, name in METHODS.items()}
     for path in search_files(args):
         for run in quality.read_json(path)["runs"]:
             head, _, value = run["method"].rpartition("@learning_rate=")
-            for base, name in METHODS.items():
-                if head == name:
-                    grids[base][float(value)] = 100 * run["accuracy"]
+            if head in row_of:
+                grids[row_of[head]][float(value)] = 100 * run["accuracy"]
     return grids
 
 
@@ -142,18 +142,13 @@ def standing(summary: dict[str, Any], name: str, reference: str, label: str, ref
     if seeds < 2:
         word = "not yet comparable with"  # one seed has no spread to weigh the gap against
     text = (f"{label}, {a['adapter_params']:,d} adapter parameters, is {word} {reference_label}, "
-            f"{b['adapter_params']:,d}: {_pm(a)} vs {_pm(b)} % dev accuracy, gap {gap:+.2f} points "
+            f"{b['adapter_params']:,d}: {quality._pm(a)} vs {quality._pm(b)} % dev accuracy, gap {gap:+.2f} points "
             f"(2 standard errors: {two_se:.2f}), {a['n_seeds']} vs {b['n_seeds']} seeds."
             + (" Fewer than 3 seeds: not final." if seeds < 3 else ""))
     return {"standing": word, "gap_points": gap, "two_standard_errors": two_se, "seeds": seeds, "text": text}
 
 
-def _pm(entry: dict[str, Any]) -> str:
-    std = entry["accuracy_std"]
-    return f"{entry['accuracy_mean']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
-
-
-# (row, reference row, row's label, reference's label, the question): the verdicts of the tuned table.
+# (row, reference row, the question): the verdicts of the tuned table (labels from ROW_LABELS).
 QUESTIONS = [("lor2c_r16", "lora", "equal parameters"), ("lor2c", "lora_r4", "equal parameters"),
              ("lor2c", "lora", "half of LoRA's parameters"), ("imlor2c", "lor2c", "IMLoR2C's events against none"),
              ("lor2c_rs", "lor2c", "the scaling option"), ("lor2c_plus", "lor2c", "the LoRA+ option"),
